@@ -158,7 +158,7 @@ class MetricsLogger:
                 ax.axvline(sft_steps, color="grey", lw=0.8, ls="--")
             ax.set_title(title)
             ax.set_xlabel("step (SFT, then RL)")
-            if ax.lines:
+            if any(not line.get_label().startswith("_") for line in ax.lines):
                 ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(self.out_dir, "curves.png")
