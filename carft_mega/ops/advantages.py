@@ -1,0 +1,253 @@
+"""Fused advantage pass (DESIGN.md Sec. 6-7): KL-shaped rewards, GAE, returns and whitening moments.
+
+``advantages(...)`` runs the Triton kernel (``kernels/triton/advantages.py``) on CUDA tensors, the
+Triton interpreter when ``TRITON_INTERPRET=1``, and ``advantages_ref`` otherwise. The per-row
+moments it returns make global whitening one all-reduce of three numbers::
+
+    out = advantages(scores, logp_old, logp_ref, values, mask, beta, gamma, lam)
+    moments = global_moments(out.row_sum, out.row_sumsq, out.row_count, group=dp_group)
+    adv = whiten_from_moments(out.advantages, mask, *moments, shift_mean=False)
+
+Everything here is a no-grad quantity, so there is no autograd Function.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from carft_mega.algos.advantage import compute_gae, kl_shaped_rewards
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_IMPLS = ("auto", "triton", "ref")
+
+
+class AdvantageOutput(NamedTuple):
+    """Result of one advantage pass; all fp32 except ``row_count`` (int64).
+
+    Attributes:
+        advantages: ``(B, T)`` GAE advantages, 0 outside the action mask (not whitened).
+        returns: ``(B, T)`` ``advantages + values``, 0 outside the mask.
+        rewards: ``(B, T)`` KL-shaped token rewards, 0 outside the mask.
+        row_sum: ``(B,)`` masked sum of the advantages of each row.
+        row_sumsq: ``(B,)`` masked sum of their squares.
+        row_count: ``(B,)`` number of action positions of each row.
+    """
+
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    rewards: torch.Tensor
+    row_sum: torch.Tensor
+    row_sumsq: torch.Tensor
+    row_count: torch.Tensor
+
+
+def advantages_ref(
+    scores: torch.Tensor,
+    logp_old: torch.Tensor,
+    logp_ref: torch.Tensor,
+    values: torch.Tensor,
+    action_mask: torch.Tensor,
+    beta: float,
+    gamma: float,
+    lam: float,
+) -> AdvantageOutput:
+    """Reference: ``kl_shaped_rewards`` then ``compute_gae`` (``carft_mega.algos.advantage``).
+
+    The algos functions always compute in fp32, so there is no ``upcast`` switch: inputs of any
+    float dtype are upcast on entry, exactly as the kernel does.
+
+    Args:
+        scores: ``(B,)`` terminal scores, paid at each row's last action position.
+        logp_old: ``(B, T)`` rollout-time log-probs of the chosen tokens.
+        logp_ref: ``(B, T)`` reference-model log-probs.
+        values: ``(B, T)`` value predictions.
+        action_mask: ``(B, T)`` bool; gaps are skipped (see ``compute_gae``).
+        beta: k1 KL coefficient.
+        gamma: GAE discount.
+        lam: GAE lambda.
+
+    Returns:
+        AdvantageOutput with fp32 tensors (``row_count`` int64).
+    """
+    mask = action_mask.bool()
+    rewards = kl_shaped_rewards(scores, logp_old, logp_ref, mask, beta)
+    adv, ret = compute_gae(rewards, values, mask, gamma, lam)
+    adv_m = adv * mask
+    return AdvantageOutput(adv, ret, rewards, adv_m.sum(-1), (adv_m * adv_m).sum(-1),
+                           mask.sum(-1, dtype=torch.int64))
+
+
+def _check_inputs(scores, logp_old, logp_ref, values, action_mask, gamma, lam) -> None:
+    where = "carft_mega.ops.advantages"
+    if logp_old.dim() != 2:
+        raise ValueError(f"{where}: logp_old must be (B, T), got shape {tuple(logp_old.shape)}")
+    B, T = logp_old.shape
+    for name, x in (("logp_ref", logp_ref), ("values", values), ("action_mask", action_mask)):
+        if tuple(x.shape) != (B, T):
+            raise ValueError(f"{where}: {name} has shape {tuple(x.shape)}, expected {(B, T)} like logp_old")
+    if tuple(scores.shape) != (B,):
+        raise ValueError(f"{where}: scores has shape {tuple(scores.shape)}, expected ({B},)")
+    if action_mask.dtype != torch.bool:
+        raise TypeError(f"{where}: action_mask must be bool, got {action_mask.dtype}")
+    for name, x in (("scores", scores), ("logp_old", logp_old), ("logp_ref", logp_ref), ("values", values)):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{where}: {name} has dtype {x.dtype}; expected fp32, fp16, bf16 or fp64")
+        if x.device != logp_old.device:
+            raise ValueError(f"{where}: {name} is on {x.device}, logp_old on {logp_old.device}")
+    if action_mask.device != logp_old.device:
+        raise ValueError(f"{where}: action_mask is on {action_mask.device}, logp_old on {logp_old.device}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"{where}: gamma={gamma} must be in [0, 1]")
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"{where}: lam={lam} must be in [0, 1]")
+
+
+def _kernels():
+    """``carft_mega._kernels.advantages``, also from a source checkout that was not pip-installed.
+
+    setup.py installs ``kernels/triton`` as ``carft_mega._kernels``; without an install the same
+    directory is registered under that name here, so tests run from the repository root.
+    """
+    try:
+        return importlib.import_module("carft_mega._kernels.advantages")
+    except ModuleNotFoundError as e:
+        if e.name not in ("carft_mega._kernels", "carft_mega._kernels.advantages"):
+            raise  # triton itself (or another dependency) is missing
+    src = Path(__file__).resolve().parents[2] / "kernels" / "triton"
+    if not (src / "advantages.py").is_file():
+        raise ModuleNotFoundError("carft_mega._kernels is not installed and kernels/triton/ is not next to the package")
+    spec = importlib.util.spec_from_file_location(
+        "carft_mega._kernels", src / "__init__.py", submodule_search_locations=[str(src)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["carft_mega._kernels"] = pkg
+    spec.loader.exec_module(pkg)
+    return importlib.import_module("carft_mega._kernels.advantages")
+
+
+def _pick_impl(impl: str, device: torch.device) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"carft_mega.ops.advantages: impl={impl!r}, expected one of {_IMPLS}")
+    if impl != "auto":
+        return impl
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        if importlib.util.find_spec("triton") is not None:
+            return "triton"
+        if device.type == "cuda":
+            warnings.warn("carft_mega.ops.advantages: triton is not installed; using the PyTorch reference "
+                          "(a Python loop over T) on CUDA", RuntimeWarning, stacklevel=3)
+    return "ref"
+
+
+@torch.no_grad()
+def advantages(
+    scores: torch.Tensor,
+    logp_old: torch.Tensor,
+    logp_ref: torch.Tensor,
+    values: torch.Tensor,
+    action_mask: torch.Tensor,
+    beta: float,
+    gamma: float,
+    lam: float,
+    impl: str = "auto",
+    block_t: int | None = None,
+) -> AdvantageOutput:
+    """KL-shaped rewards, GAE advantages, returns and per-row moments in one pass per row.
+
+    Args:
+        scores: ``(B,)`` terminal scores, paid at each row's last action position.
+        logp_old: ``(B, T)`` rollout-time log-probs (fp32, fp16 or bf16).
+        logp_ref: ``(B, T)`` reference-model log-probs.
+        values: ``(B, T)`` value predictions (``V(h_t)``, state-aligned like the mask).
+        action_mask: ``(B, T)`` bool; may have gaps, rows may be empty.
+        beta: k1 KL coefficient.
+        gamma: GAE discount in [0, 1].
+        lam: GAE lambda in [0, 1].
+        impl: ``"auto"`` (Triton on CUDA or with ``TRITON_INTERPRET=1``, else the reference),
+            ``"triton"`` or ``"ref"``.
+        block_t: Triton block length along T (power of two); None picks min(1024, next_pow2(T)).
+
+    Returns:
+        AdvantageOutput, fp32 (``row_count`` int64), same device as the inputs.
+    """
+    _check_inputs(scores, logp_old, logp_ref, values, action_mask, gamma, lam)
+    which = _pick_impl(impl, logp_old.device)
+    if which == "ref":
+        return advantages_ref(scores, logp_old, logp_ref, values, action_mask, beta, gamma, lam)
+    scores, logp_old, logp_ref, values, action_mask = (
+        x.contiguous() for x in (scores, logp_old, logp_ref, values, action_mask))
+    out = _kernels().advantages_fwd(
+        scores, logp_old, logp_ref, values, action_mask.view(torch.uint8), beta, gamma, lam, block_t=block_t)
+    return AdvantageOutput(*out)
+
+
+def global_moments(
+    row_sum: torch.Tensor,
+    row_sumsq: torch.Tensor,
+    row_count: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sum the per-row moments over the rows and, with ``group``, over its ranks (one all-reduce).
+
+    The sums are taken in fp64, which keeps ``sumsq - sum^2 / count`` accurate for large batches.
+    ``group=None`` means the local batch only (the ``masked_moments`` convention).
+
+    Args:
+        row_sum: ``(B,)`` masked sums.
+        row_sumsq: ``(B,)`` masked sums of squares.
+        row_count: ``(B,)`` action counts.
+        group: process group to reduce over, or None.
+
+    Returns:
+        total_sum, total_sumsq, total_count: fp64 scalars.
+    """
+    stats = torch.stack([row_sum.double().sum(), row_sumsq.double().sum(), row_count.double().sum()])
+    if group is not None:
+        dist.all_reduce(stats, group=group)
+    return stats[0], stats[1], stats[2]
+
+
+def whiten_from_moments(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    total_sum: torch.Tensor | float,
+    total_sumsq: torch.Tensor | float,
+    total_count: torch.Tensor | float,
+    shift_mean: bool,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Whiten ``x`` with precomputed (e.g. globally all-reduced) moments, like ``masked_whiten``.
+
+    ``mean = S / N``, unbiased ``var = (Q - S * mean) / (N - 1)`` (clamped at 0 against rounding),
+    ``(x - mean) / sqrt(var + eps)``, plus ``mean`` again when ``shift_mean`` is False (ReFT).
+    The one-pass variance loses relative accuracy ~ eps_fp32 * (1 + mean^2 / var) against the
+    two-pass ``masked_moments``; negligible for advantages, whose mean is small against their spread.
+
+    Args:
+        x: ``(B, T)`` values (the advantages).
+        mask: ``(B, T)`` bool.
+        total_sum: sum of ``x`` over the mask (global).
+        total_sumsq: sum of ``x**2`` over the mask (global).
+        total_count: number of masked elements (global).
+        shift_mean: leave the result mean-centred.
+        eps: variance floor.
+
+    Returns:
+        ``(B, T)`` fp32, 0 outside the mask.
+    """
+    s, q, n = (torch.as_tensor(v, dtype=torch.float64, device=x.device) for v in (total_sum, total_sumsq, total_count))
+    mean = s / n.clamp(min=1.0)
+    var = (q - s * mean).clamp(min=0.0) / (n - 1.0).clamp(min=1.0)
+    mean32, var32 = mean.float(), var.float()
+    out = (x.float() - mean32) * torch.rsqrt(var32 + eps)
+    if not shift_mean:
+        out = out + mean32
+    return out * mask
