@@ -1,0 +1,193 @@
+"""Fused CoT head (DESIGN.md Sec. 2-3, the authors' ValueHeadV2 on the final hidden state).
+
+For hidden states ``h`` and K token sets S_k per sequence::
+
+    e_t = W_p h_t + b_p                      # (d = 64) CoT token embedding, no activation
+    V_t = w_v . relu(e_t) + b_v              # PPO value
+    z_k = sum_{t in S_k} softmax_{t in S_k}(V_t) e_t      # CoT embedding (paper Eq. 6)
+
+``cot_head(...)`` runs the Triton kernel (``kernels/triton/cot_head.py``) on CUDA tensors, the Triton
+interpreter when ``TRITON_INTERPRET=1`` (CPU tensors), and ``cot_head_ref`` otherwise::
+
+    V, z, valid = cot_head(h_sbh.transpose(0, 1), W_p, b_p, w_v, b_v, span_masks)  # no copy of h
+
+An empty S_k gives ``z_k = 0`` and ``valid = False`` (never a uniform softmax over padding).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from carft_mega.algos.embeddings import cot_embeddings
+
+_IMPLS = ("auto", "triton", "ref")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_MAX_D = 128  # the Triton kernel keeps a (BLOCK_T, d) tile of e in registers
+
+
+def cot_head_ref(
+    h: torch.Tensor,
+    W_p: torch.Tensor,
+    b_p: torch.Tensor,
+    w_v: torch.Tensor,
+    b_v: torch.Tensor,
+    span_masks: torch.Tensor,
+    upcast: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference CoT head in plain PyTorch (the readable specification and the CPU fallback).
+
+    Without ``upcast`` the projection, value and pooling run in h's dtype (the parameters are cast
+    to it, as autocast would); with it everything runs in fp32.
+
+    Args:
+        h: ``(N, T, H)`` final hidden states, any strides.
+        W_p: ``(d, H)`` projection weight; b_p: ``(d,)`` its bias.
+        w_v: ``(d,)`` value weight; b_v: 0-d or ``(1,)`` value bias.
+        span_masks: ``(K, N, T)`` bool token sets, K >= 0.
+        upcast: compute in fp32.
+
+    Returns:
+        V: ``(N, T)`` fp32 values.
+        z: ``(K, N, d)`` fp32 pooled embeddings, 0 for empty sets.
+        valid: ``(K, N)`` bool, False where the set is empty.
+    """
+    dtype = torch.float32 if upcast else h.dtype
+    e = F.linear(h.to(dtype), W_p.to(dtype), b_p.to(dtype))  # (N, T, d)
+    V = F.linear(torch.relu(e), w_v.to(dtype).unsqueeze(0)).squeeze(-1) + b_v.to(dtype).reshape(())  # (N, T)
+    z, valid = cot_embeddings(e, V, span_masks, upcast=upcast)  # (K, N, d), (K, N)
+    return V.float(), z.float(), valid
+
+
+def _kernels():
+    """``carft_mega._kernels.cot_head``, also from a source checkout that was not pip-installed.
+
+    setup.py installs ``kernels/triton`` as ``carft_mega._kernels``; without an install the same
+    directory is registered under that name here (as ``carft_mega.ops.advantages`` does), so tests and
+    benchmarks run from the repository root. Importing it imports triton: set ``TRITON_INTERPRET``
+    before, when running on CPU.
+    """
+    try:
+        return importlib.import_module("carft_mega._kernels.cot_head")
+    except ModuleNotFoundError as e:
+        if e.name not in ("carft_mega._kernels", "carft_mega._kernels.cot_head"):
+            raise  # triton itself (or another dependency) is missing
+    src = Path(__file__).resolve().parents[2] / "kernels" / "triton"
+    if not (src / "cot_head.py").is_file():
+        raise ModuleNotFoundError("carft_mega._kernels is not installed and kernels/triton/ is not next to the package")
+    spec = importlib.util.spec_from_file_location(
+        "carft_mega._kernels", src / "__init__.py", submodule_search_locations=[str(src)])
+    pkg = importlib.util.module_from_spec(spec)
+    sys.modules["carft_mega._kernels"] = pkg
+    spec.loader.exec_module(pkg)
+    return importlib.import_module("carft_mega._kernels.cot_head")
+
+
+class CoTHeadFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton forward/backward; returns ``(V, z, valid)``.
+
+    Saved for backward: the inputs plus z and the per-span log-sum-exp (``(K, N)``), not e. Recomputing
+    e = h W_p^T in the backward is one extra read of h, but saving it would keep an ``(N, T, d)`` fp32
+    tensor per micro-batch alive until backward, and z/lse are all the softmax needs.
+    """
+
+    @staticmethod
+    def forward(ctx, h, W_p, b_p, w_v, b_v, span_masks):
+        V, z, valid, lse = _kernels().cot_head_fwd(h, W_p, b_p, w_v, b_v, span_masks)
+        ctx.save_for_backward(h, W_p, b_p, w_v, b_v, span_masks, lse, z)
+        ctx.mark_non_differentiable(valid)
+        ctx.set_materialize_grads(False)  # an unused output sends None: its kernel branch is skipped
+        return V, z, valid
+
+    @staticmethod
+    def backward(ctx, dV, dz, _dvalid):
+        h, W_p, b_p, w_v, b_v, span_masks, lse, z = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        if not any(need[:5]) or (dV is None and dz is None):
+            return (None,) * 6
+        dh, dW_p, db_p, dw_v, db_v = _kernels().cot_head_bwd(
+            h, W_p, b_p, w_v, b_v, span_masks, lse, z, dz, dV, need_dh=need[0], need_dw=need[1])
+        return (dh, dW_p, db_p if need[2] else None, dw_v if need[3] else None,
+                db_v if need[4] else None, None)
+
+
+def _check_inputs(h, W_p, b_p, w_v, b_v, span_masks) -> None:
+    where = "carft_mega.ops.cot_head"
+    if h.dim() != 3:
+        raise ValueError(f"{where}: h must be (N, T, H), got shape {tuple(h.shape)}")
+    N, T, H = h.shape
+    if W_p.dim() != 2 or W_p.shape[1] != H:
+        raise ValueError(f"{where}: W_p must be (d, H={H}), got shape {tuple(W_p.shape)}")
+    d = W_p.shape[0]
+    for name, x in (("b_p", b_p), ("w_v", w_v)):
+        if tuple(x.shape) != (d,):
+            raise ValueError(f"{where}: {name} must be ({d},) like W_p's rows, got shape {tuple(x.shape)}")
+    if b_v.numel() != 1 or b_v.dim() > 1:
+        raise ValueError(f"{where}: b_v must be 0-d or (1,), got shape {tuple(b_v.shape)}")
+    if span_masks.dtype != torch.bool:
+        raise TypeError(f"{where}: span_masks must be bool, got {span_masks.dtype}")
+    if span_masks.dim() != 3 or tuple(span_masks.shape[1:]) != (N, T):
+        raise ValueError(f"{where}: span_masks must be (K, N={N}, T={T}), got shape {tuple(span_masks.shape)}")
+    for name, x in (("h", h), ("W_p", W_p), ("b_p", b_p), ("w_v", w_v), ("b_v", b_v)):
+        if x.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{where}: {name} has dtype {x.dtype}; expected fp32, fp16 or bf16")
+    for name, x in (("W_p", W_p), ("b_p", b_p), ("w_v", w_v), ("b_v", b_v), ("span_masks", span_masks)):
+        if x.device != h.device:
+            raise ValueError(f"{where}: {name} is on {x.device}, h on {h.device}")
+
+
+def _pick_impl(impl: str, h: torch.Tensor, d: int) -> str:
+    if impl not in _IMPLS:
+        raise ValueError(f"carft_mega.ops.cot_head: impl={impl!r}, expected one of {_IMPLS}")
+    if impl == "triton":
+        if not h.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("carft_mega.ops.cot_head: impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
+                               "set before triton is first imported")
+        if d > _MAX_D:
+            raise ValueError(f"carft_mega.ops.cot_head: the Triton kernel supports d <= {_MAX_D}, got d={d}")
+        return impl
+    if impl == "ref":
+        return impl
+    if d > _MAX_D or importlib.util.find_spec("triton") is None:
+        return "ref"
+    if h.is_cuda or (h.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return "triton"
+    return "ref"
+
+
+def cot_head(
+    h: torch.Tensor,
+    W_p: torch.Tensor,
+    b_p: torch.Tensor,
+    w_v: torch.Tensor,
+    b_v: torch.Tensor,
+    span_masks: torch.Tensor,
+    *,
+    impl: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Values and K pooled CoT embeddings from the final hidden states, differentiable in h and the head.
+
+    Args:
+        h: ``(N, T, H)`` bf16, fp16 or fp32 hidden states. N and T may have any strides (pass Megatron's
+            ``[s, b, h]`` output as ``h.transpose(0, 1)`` without a copy); the last dim should be contiguous.
+        W_p: ``(d, H)`` projection weight, d <= 128 for the kernel; b_p: ``(d,)``.
+        w_v: ``(d,)`` value weight; b_v: 0-d or ``(1,)`` value bias.
+        span_masks: ``(K, N, T)`` bool token sets (K may be 0).
+        impl: ``"auto"`` (Triton on CUDA, the interpreter with ``TRITON_INTERPRET=1``, else the
+            reference), ``"triton"`` or ``"ref"``.
+
+    Returns:
+        V: ``(N, T)`` fp32 values.
+        z: ``(K, N, d)`` fp32 pooled embeddings, 0 where the set is empty.
+        valid: ``(K, N)`` bool, False where the set is empty (drop those pairs from every loss).
+    """
+    _check_inputs(h, W_p, b_p, w_v, b_v, span_masks)
+    if _pick_impl(impl, h, W_p.shape[0]) == "ref":
+        return cot_head_ref(h, W_p, b_p, w_v, b_v, span_masks)
+    return CoTHeadFunction.apply(h, W_p, b_p, w_v, b_v, span_masks)

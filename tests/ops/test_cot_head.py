@@ -1,0 +1,202 @@
+"""cot_head (Triton kernel, interpreter on CPU) against cot_head_ref: forward outputs and all five
+gradients, tolerance from PyTorch's own error in the same dtype (tests/utils.py, STYLE.md rule 4)."""
+
+import pytest
+import torch
+
+from carft_mega.ops import cot_head as op
+from carft_mega.ops.cot_head import cot_head, cot_head_ref
+from tests.utils import assert_close_to_ref
+
+NAMES = ("V", "z")
+GRAD_NAMES = ("dh", "dW_p", "db_p", "dw_v", "db_v")
+
+
+def _inputs(N, T, H, d, K, dtype, device="cpu", transposed=False):
+    """Random head inputs; h is (N, T, H), a transposed (T, N, H) view when ``transposed``.
+
+    Masks carry the edge cases: row 0 is empty in every span (when N > 1), span 1 of the last row is
+    empty, span 0 of the last row is the whole sequence.
+    """
+    if transposed:
+        h = torch.randn(T, N, H, device=device).to(dtype).transpose(0, 1)  # strides (H, N*H, 1)
+    else:
+        h = torch.randn(N, T, H, device=device).to(dtype)
+    params = (
+        (torch.randn(d, H, device=device) / H ** 0.5).to(dtype),  # W_p: e ~ N(0, 1)
+        (0.5 * torch.randn(d, device=device)).to(dtype),  # b_p
+        (torch.randn(d, device=device) / d ** 0.5).to(dtype),  # w_v
+        torch.randn((), device=device).to(dtype),  # b_v
+    )
+    masks = torch.rand(K, N, T, device=device) < 0.5
+    if K > 0:
+        if N > 1:
+            masks[:, 0] = False
+        masks[0, N - 1] = True
+        if K > 1:
+            masks[1, N - 1] = False
+    return h, params, masks
+
+
+def _leaves(h, params, dtype, need=(True,) * 5):
+    out = [x.detach().to(dtype).requires_grad_(r) for x, r in zip((h, *params), need)]
+    return out[0], out[1:]
+
+
+def _run(impl_fn, h, params, masks, upstream, grads_of):
+    V, z, valid = impl_fn(h, *params, masks)
+    gV, gz = upstream
+    loss = 0
+    if gV is not None:
+        loss = loss + (V * gV).sum()
+    if gz is not None:
+        loss = loss + (z * gz).sum()
+    inputs = [x for x in (h, *params) if x.requires_grad]
+    grads = torch.autograd.grad(loss, inputs) if grads_of and inputs else ()
+    return (V, z), valid, grads
+
+
+def _check(N, T, H, d, K, dtype, device="cpu", transposed=False, grad_mode="both", need=(True,) * 5):
+    h, params, masks = _inputs(N, T, H, d, K, dtype, device, transposed)
+    gV = torch.randn(N, T, device=device) if grad_mode in ("both", "V") else None
+    gz = torch.randn(K, N, d, device=device) if grad_mode in ("both", "z") else None
+
+    def kernel(*a):
+        return cot_head(*a, impl="triton")
+
+    def ref_low(*a):
+        return cot_head_ref(*a, upcast=False)
+
+    def ref_fp32(*a):
+        return cot_head_ref(*a, upcast=True)
+
+    runs = []
+    for fn, dt in ((kernel, dtype), (ref_low, dtype), (ref_fp32, torch.float32)):
+        hh, pp = _leaves(h, params, dt, need)
+        if transposed:  # keep the (T, N, H) storage of the leaf; the op sees a strided view
+            base = h.transpose(0, 1).detach().to(dt).requires_grad_(need[0])
+            hh = base.transpose(0, 1)
+            assert not hh.is_contiguous()
+        runs.append(_run(fn, hh, pp, masks, (gV, gz), grads_of=True))
+    (out, valid, grads), (out_pt, _, grads_pt), (out_ref, valid_ref, grads_ref) = runs
+    assert torch.equal(valid, valid_ref)
+    assert torch.equal(valid_ref, masks.any(-1))
+    for name, a, b, c in zip(NAMES, out, out_pt, out_ref):
+        assert a.dtype == torch.float32 and a.shape == c.shape, name
+        if c.numel():  # assert_close_to_ref cannot take a max over K = 0 spans
+            assert_close_to_ref(a, b, c, name=name)
+    names = [n for n, r in zip(GRAD_NAMES, need) if r]
+    assert len(grads) == len(names)
+    leaves_dtype = [dtype] * len(names)
+    for name, a, b, c, dt in zip(names, grads, grads_pt, grads_ref, leaves_dtype):
+        assert a.dtype == dt, f"{name} came back as {a.dtype}, expected {dt}"
+        assert torch.isfinite(a.float()).all(), name
+        assert_close_to_ref(a, b, c, atol=_grad_atol(dtype), name=name)
+
+
+def _grad_atol(dtype):
+    # Gradient sums over N*T rows; the dtype's atol applies to an O(1) quantity.
+    return {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "N,T,H,d,K",
+    [
+        (2, 37, 100, 64, 3),  # T and H not multiples of the blocks, several T blocks
+        (3, 40, 576, 64, 2),  # H = 576 (SmolLM2-135M)
+        (1, 1, 64, 64, 1),  # T = 1
+        (3, 1, 896, 64, 3),  # T = 1, H = 896 (Qwen2.5-0.5B)
+        (3, 20, 200, 24, 3),  # d not a power of two
+    ],
+)
+def test_forward_backward(N, T, H, d, K, dtype):
+    _check(N, T, H, d, K, dtype)
+
+
+@pytest.mark.parametrize("K", [0, 1])
+def test_few_spans(K):
+    _check(2, 18, 48, 32, K, torch.float32)
+
+
+def test_transposed_hidden_states():
+    _check(3, 33, 96, 64, 2, torch.float32, transposed=True)
+    _check(3, 33, 96, 64, 2, torch.float16, transposed=True)
+
+
+@pytest.mark.parametrize("grad_mode", ["V", "z"])
+def test_one_output_used(grad_mode):
+    _check(2, 21, 80, 64, 3, torch.float32, grad_mode=grad_mode)
+
+
+@pytest.mark.parametrize("need", [(False, True, True, True, True), (True, False, False, True, False)])
+def test_partial_requires_grad(need):
+    _check(2, 21, 80, 64, 2, torch.float32, need=need)
+
+
+def test_all_masked_rows_and_no_grad():
+    """Every span of every row empty: z = 0, valid = False, finite gradients; also under no_grad."""
+    h, params, _ = _inputs(2, 19, 64, 64, 3, torch.float32)
+    masks = torch.zeros(3, 2, 19, dtype=torch.bool)
+    with torch.no_grad():
+        V, z, valid = cot_head(h, *params, masks, impl="triton")
+    assert torch.equal(z, torch.zeros_like(z)) and not valid.any()
+    assert_close_to_ref(V, *[cot_head_ref(h, *params, masks, upcast=True)[0]] * 2, name="V")
+    hh, pp = _leaves(h, params, torch.float32)
+    _, z, _ = cot_head(hh, *pp, masks, impl="triton")
+    grads = torch.autograd.grad((z * torch.randn_like(z)).sum(), (hh, *pp), allow_unused=True)
+    for g in grads:
+        assert g is not None and torch.equal(g, torch.zeros_like(g))
+
+
+def test_auto_picks_reference_without_interpreter(monkeypatch):
+    h, params, masks = _inputs(2, 9, 32, 16, 2, torch.float32)
+    calls = []
+    real = op._kernels
+    monkeypatch.setattr(op, "_kernels", lambda: calls.append(1) or real())
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    V, z, valid = cot_head(h, *params, masks)
+    assert calls == []
+    V_ref, z_ref, valid_ref = cot_head_ref(h, *params, masks)
+    assert torch.equal(V, V_ref) and torch.equal(z, z_ref) and torch.equal(valid, valid_ref)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        cot_head(h, *params, masks, impl="triton")
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cot_head(h, *params, masks)
+    assert calls == [1]
+    calls.clear()
+    cot_head(h, *params, masks, impl="ref")
+    assert calls == []
+
+
+def test_large_d_falls_back_and_bad_inputs_raise():
+    h, params, masks = _inputs(1, 5, 16, 130, 1, torch.float32)
+    V, z, _ = cot_head(h, *params, masks)  # d > 128: the reference, whatever the device
+    assert z.shape == (1, 1, 130)
+    with pytest.raises(ValueError, match="d <= 128"):
+        cot_head(h, *params, masks, impl="triton")
+    h, (W_p, b_p, w_v, b_v), masks = _inputs(2, 5, 16, 8, 2, torch.float32)
+    with pytest.raises(ValueError, match="W_p"):
+        cot_head(h, W_p[:, :-1], b_p, w_v, b_v, masks)
+    with pytest.raises(ValueError, match="w_v"):
+        cot_head(h, W_p, b_p, w_v[:-1], b_v, masks)
+    with pytest.raises(ValueError, match="b_v"):
+        cot_head(h, W_p, b_p, w_v, torch.zeros(2), masks)
+    with pytest.raises(TypeError, match="span_masks must be bool"):
+        cot_head(h, W_p, b_p, w_v, b_v, masks.float())
+    with pytest.raises(ValueError, match="span_masks"):
+        cot_head(h, W_p, b_p, w_v, b_v, masks[:, :, :-1])
+    with pytest.raises(ValueError, match="impl"):
+        cot_head(h, W_p, b_p, w_v, b_v, masks, impl="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "N,T,H,K,transposed",
+    [(4, 257, 576, 3, False), (2, 1030, 4096, 3, True), (3, 1, 896, 2, False), (5, 100, 200, 0, False)],
+)
+def test_gpu(N, T, H, K, transposed, dtype):
+    _check(N, T, H, 64, K, dtype, device="cuda", transposed=transposed)
