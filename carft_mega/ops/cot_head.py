@@ -92,9 +92,10 @@ def _kernels():
 class CoTHeadFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton forward/backward; returns ``(V, z, valid)``.
 
-    Saved for backward: the inputs plus z and the per-span log-sum-exp (``(K, N)``), not e. Recomputing
-    e = h W_p^T in the backward is one extra read of h, but saving it would keep an ``(N, T, d)`` fp32
-    tensor per micro-batch alive until backward, and z/lse are all the softmax needs.
+    Saved for backward: the inputs plus z and the per-span log-sum-exp (``(K, N)``), which is all the
+    softmax needs; e is recomputed from h (issue 3) rather than kept alive as an ``(N, T, d)`` fp32 tensor
+    per micro-batch until backward. The price is one more read of h: at N=64, T=1024, H=4096 bf16 that is
+    512 MiB of traffic (a quarter of the fused fwd+bwd) against 16 MiB of saved e.
     """
 
     @staticmethod

@@ -1,12 +1,10 @@
-"""Fused CoT head (DESIGN.md Sec. 2-3): e = h W_p^T + b_p, V = w_v . relu(e) + b_v, and for K token sets
-z_k = sum_{t in S_k} softmax_{t in S_k}(V_t) e_t, with h read once in the forward.
+"""Fused CoT head (DESIGN.md Sec. 2-3): e = h W_p^T + b_p, V = w_v . relu(e) + b_v, z_k = sum_{S_k} softmax(V) e.
 
-Forward: one program per (row, block of BLOCK_T positions) builds e with tl.dot (fp32 accumulation),
-stores V and a per-span partial online softmax (max, sum, weighted e); a small kernel merges the
-T-block partials (split-T, as in flash-decoding), so N=64 rows still fill an H100. Backward recomputes
-e from h, then writes dh = de W_p; dW_p = de^T h is a split-row GEMM that reads h once more.
-Limits: d <= 128 (the e tile lives in registers); K is a runtime loop; softmax maths in fp32.
-"""
+Forward (reads h once): one program per (row, BLOCK_T positions) builds e with tl.dot (fp32 accumulation),
+stores V and per-span partial softmax stats (max, sum, weighted e); a small kernel merges the T blocks
+(split-T as in flash-decoding), so N=64 rows still fill an H100. Backward: recompute e, write dh = de W_p,
+then dW_p = de^T h as a split-row GEMM (fwd+bwd: three reads of h, one write of dh).
+Limits: d <= 128 (the e tile lives in registers, 255 regs at BLOCK_T=64 on sm_90); K is a runtime loop."""
 
 import os
 
@@ -232,7 +230,7 @@ def _cot_head_bwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
 
-    # Recompute e (see CoTHeadFunction: saving it would cost memory for one read of h that is cheap here).
+    # Recompute e instead of saving it (issue 3); costs one read of h, see CoTHeadFunction.
     e = _embed_tile(h_ptr, w_p_ptr, b_p_ptr, n * stride_h_n + offs_t * stride_h_t, t_mask, offs_d, d_mask,
                     H, stride_w_p_row, BLOCK_T, BLOCK_H, BLOCK_D, DOT_FP32)
     w_v = tl.load(w_v_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
@@ -469,9 +467,12 @@ def cot_head_bwd(h, W_p, b_p, w_v, b_v, span_masks, lse, z, dz, dV, need_dh=True
         if n_rows > 0:
             # Split the rows so that (H blocks x splits) covers about two waves of SMs; on CPU (the
             # interpreter) tiny splits, so that test shapes run the split path.
-            n_sm, min_rows = (torch.cuda.get_device_properties(dev).multi_processor_count, 256) if h.is_cuda else (2, 32)
+            if h.is_cuda:
+                n_sm, min_rows = torch.cuda.get_device_properties(dev).multi_processor_count, 256
+            else:
+                n_sm, min_rows = 2, 32
             n_split = max(1, min(triton.cdiv(2 * n_sm, triton.cdiv(H, 128)), triton.cdiv(n_rows, min_rows)))
-            rows_per_split = triton.cdiv(triton.cdiv(n_rows, n_split), 32) * 32  # whole BLOCK_R steps
+            rows_per_split = triton.cdiv(triton.cdiv(n_rows, n_split), 64) * 64  # whole BLOCK_R steps
             n_split = triton.cdiv(n_rows, rows_per_split)
             part_dw = torch.empty((n_split, D, H), device=dev, dtype=torch.float32)
             _cot_head_bwd_dw_kernel[lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), n_split)](
