@@ -6,7 +6,7 @@ import torch
 
 from carft_mega.ops import cot_head as op
 from carft_mega.ops.cot_head import cot_head, cot_head_ref
-from tests.utils import assert_close_to_ref
+from tests.utils import ATOL, assert_close_to_ref
 
 NAMES = ("V", "z")
 GRAD_NAMES = ("dh", "dW_p", "db_p", "dw_v", "db_v")
@@ -38,12 +38,13 @@ def _inputs(N, T, H, d, K, dtype, device="cpu", transposed=False):
     return h, params, masks
 
 
-def _leaves(h, params, dtype, need=(True,) * 5):
-    out = [x.detach().to(dtype).requires_grad_(r) for x, r in zip((h, *params), need)]
+def _leaves(h, params, dtype, need=(True,) * 5, param_dtype=None):
+    dtypes = [dtype] + [param_dtype or dtype] * 4
+    out = [x.detach().to(dt).requires_grad_(r) for x, dt, r in zip((h, *params), dtypes, need)]
     return out[0], out[1:]
 
 
-def _run(impl_fn, h, params, masks, upstream, grads_of):
+def _run(impl_fn, h, params, masks, upstream):
     V, z, valid = impl_fn(h, *params, masks)
     gV, gz = upstream
     loss = 0
@@ -52,11 +53,14 @@ def _run(impl_fn, h, params, masks, upstream, grads_of):
     if gz is not None:
         loss = loss + (z * gz).sum()
     inputs = [x for x in (h, *params) if x.requires_grad]
-    grads = torch.autograd.grad(loss, inputs) if grads_of and inputs else ()
+    grads = torch.autograd.grad(loss, inputs) if inputs else ()
     return (V, z), valid, grads
 
 
-def _check(N, T, H, d, K, dtype, device="cpu", transposed=False, grad_mode="both", need=(True,) * 5):
+def _check(N, T, H, d, K, dtype, device="cpu", transposed=False, grad_mode="both", need=(True,) * 5,
+           param_dtype=None):
+    """Kernel vs cot_head_ref in ``dtype`` and in fp32: V, z, valid and the gradients of a random linear
+    function of V and/or z (``grad_mode`` "both", "V" or "z") for the inputs flagged in ``need``."""
     h, params, masks = _inputs(N, T, H, d, K, dtype, device, transposed)
     gV = torch.randn(N, T, device=device) if grad_mode in ("both", "V") else None
     gz = torch.randn(K, N, d, device=device) if grad_mode in ("both", "z") else None
@@ -71,13 +75,14 @@ def _check(N, T, H, d, K, dtype, device="cpu", transposed=False, grad_mode="both
         return cot_head_ref(*a, upcast=True)
 
     runs = []
-    for fn, dt in ((kernel, dtype), (ref_low, dtype), (ref_fp32, torch.float32)):
-        hh, pp = _leaves(h, params, dt, need)
+    for fn, dt, pdt in ((kernel, dtype, param_dtype), (ref_low, dtype, param_dtype),
+                        (ref_fp32, torch.float32, torch.float32)):
+        hh, pp = _leaves(h, params, dt, need, pdt)
         if transposed:  # keep the (T, N, H) storage of the leaf; the op sees a strided view
             base = h.transpose(0, 1).detach().to(dt).requires_grad_(need[0])
             hh = base.transpose(0, 1)
             assert not hh.is_contiguous()
-        runs.append(_run(fn, hh, pp, masks, (gV, gz), grads_of=True))
+        runs.append(_run(fn, hh, pp, masks, (gV, gz)))
     (out, valid, grads), (out_pt, _, grads_pt), (out_ref, valid_ref, grads_ref) = runs
     assert torch.equal(valid, valid_ref)
     assert torch.equal(valid_ref, masks.any(-1))
@@ -85,18 +90,19 @@ def _check(N, T, H, d, K, dtype, device="cpu", transposed=False, grad_mode="both
         assert a.dtype == torch.float32 and a.shape == c.shape, name
         if c.numel():  # assert_close_to_ref cannot take a max over K = 0 spans
             assert_close_to_ref(a, b, c, name=name)
+    grad_dtypes = [dt for dt, r in zip([dtype] + [param_dtype or dtype] * 4, need) if r]
     names = [n for n, r in zip(GRAD_NAMES, need) if r]
     assert len(grads) == len(names)
-    leaves_dtype = [dtype] * len(names)
-    for name, a, b, c, dt in zip(names, grads, grads_pt, grads_ref, leaves_dtype):
+    for name, a, b, c, dt in zip(names, grads, grads_pt, grads_ref, grad_dtypes):
         assert a.dtype == dt, f"{name} came back as {a.dtype}, expected {dt}"
         assert torch.isfinite(a.float()).all(), name
-        assert_close_to_ref(a, b, c, atol=_grad_atol(dtype), name=name)
+        assert_close_to_ref(a, b, c, atol=ATOL[dtype], name=name)
 
 
-def _grad_atol(dtype):
-    # Gradient sums over N*T rows; the dtype's atol applies to an O(1) quantity.
-    return {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+@pytest.fixture
+def device():
+    """The kernel's device: CUDA when present, else CPU under the interpreter (conftest sets it)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -110,34 +116,48 @@ def _grad_atol(dtype):
         (3, 20, 200, 24, 3),  # d not a power of two
     ],
 )
-def test_forward_backward(N, T, H, d, K, dtype):
-    _check(N, T, H, d, K, dtype)
+def test_forward_backward(N, T, H, d, K, dtype, device):
+    _check(N, T, H, d, K, dtype, device)
+
+
+def test_bf16_interpreter_upcast(device):
+    """bf16 on CPU: the interpreter path upcasts loads to fp32 (it has no bf16 arithmetic); the real
+    bf16 tl.dot path runs in test_gpu."""
+    if device == "cuda":
+        pytest.skip("covered by test_gpu")
+    _check(2, 37, 100, 64, 3, torch.bfloat16, transposed=True)
 
 
 @pytest.mark.parametrize("K", [0, 1])
-def test_few_spans(K):
-    _check(2, 18, 48, 32, K, torch.float32)
+def test_few_spans(K, device):
+    _check(2, 18, 48, 32, K, torch.float32, device)
 
 
-def test_transposed_hidden_states():
-    _check(3, 33, 96, 64, 2, torch.float32, transposed=True)
-    _check(3, 33, 96, 64, 2, torch.float16, transposed=True)
+def test_transposed_hidden_states(device):
+    _check(3, 33, 96, 64, 2, torch.float32, device, transposed=True)
+    _check(3, 33, 96, 64, 2, torch.float16, device, transposed=True)
+
+
+def test_fp32_parameters_with_fp16_hidden_states(device):
+    """Megatron may keep the head in fp32 next to a half-precision trunk: W_p is cast to h's dtype for
+    the dot (as autocast does) and every gradient comes back in its own input's dtype."""
+    _check(2, 21, 80, 64, 2, torch.float16, device, param_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("grad_mode", ["V", "z"])
-def test_one_output_used(grad_mode):
-    _check(2, 21, 80, 64, 3, torch.float32, grad_mode=grad_mode)
+def test_one_output_used(grad_mode, device):
+    _check(2, 21, 80, 64, 3, torch.float32, device, grad_mode=grad_mode)
 
 
 @pytest.mark.parametrize("need", [(False, True, True, True, True), (True, False, False, True, False)])
-def test_partial_requires_grad(need):
-    _check(2, 21, 80, 64, 2, torch.float32, need=need)
+def test_partial_requires_grad(need, device):
+    _check(2, 21, 80, 64, 2, torch.float32, device, need=need)
 
 
-def test_all_masked_rows_and_no_grad():
-    """Every span of every row empty: z = 0, valid = False, finite gradients; also under no_grad."""
-    h, params, _ = _inputs(2, 19, 64, 64, 3, torch.float32)
-    masks = torch.zeros(3, 2, 19, dtype=torch.bool)
+def test_all_masked_rows_and_no_grad(device):
+    """Every span of every row empty: z = 0, valid = False, zero gradients; also under no_grad."""
+    h, params, _ = _inputs(2, 19, 64, 64, 3, torch.float32, device)
+    masks = torch.zeros(3, 2, 19, dtype=torch.bool, device=device)
     with torch.no_grad():
         V, z, valid = cot_head(h, *params, masks, impl="triton")
     assert torch.equal(z, torch.zeros_like(z)) and not valid.any()
@@ -150,11 +170,12 @@ def test_all_masked_rows_and_no_grad():
 
 
 def test_auto_picks_reference_without_interpreter(monkeypatch):
-    h, params, masks = _inputs(2, 9, 32, 16, 2, torch.float32)
+    """auto: CPU tensors without TRITON_INTERPRET -> the reference; with it (or on CUDA) -> the kernel."""
     calls = []
     real = op._kernels
     monkeypatch.setattr(op, "_kernels", lambda: calls.append(1) or real())
 
+    h, params, masks = _inputs(2, 9, 32, 16, 2, torch.float32)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     V, z, valid = cot_head(h, *params, masks)
     assert calls == []
@@ -163,7 +184,10 @@ def test_auto_picks_reference_without_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         cot_head(h, *params, masks, impl="triton")
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if torch.cuda.is_available():
+        h, params, masks = _inputs(2, 9, 32, 16, 2, torch.float32, "cuda")
+    else:  # triton was imported in interpreter mode by conftest, so the kernel can run here
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     cot_head(h, *params, masks)
     assert calls == [1]
     calls.clear()
