@@ -1,0 +1,339 @@
+"""A pool of sandbox workers that run model-written ``solution()`` programs (python-style CoT).
+
+Model-written code is hostile input (DESIGN.md Sec. 5). The pool starts ``workers`` long-lived
+processes once (``python -I`` with a minimal environment, in their own session); each program runs
+in a child forked from a worker, with a wall-clock timeout, rlimits, a throwaway directory, no
+network, dropped privileges when root, and an audit hook (see ``_sandbox_worker.py`` for the
+layers and ``Sandbox.layers`` for the ones active on this machine). Anything a program does
+(exceptions, loops, fork/memory bombs, sockets, writes outside its directory, killing itself)
+yields None for that program; a worker that dies anyway is replaced.
+
+Unlike ReFT's pebble pool (created on every call, authors_code.md Sec. 6) the workers are reused
+across calls, so the interpreter start-up is paid once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from typing import NamedTuple, Sequence
+
+from ._sandbox_worker import DEFAULT_PRELOAD
+
+_WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_worker.py")
+_START_TIMEOUT = 60.0  # seconds for a worker to start (imports of the preloaded modules)
+_HANG_GRACE = 10.0  # a worker that overruns a job's timeout by this much is killed and replaced
+
+
+class SandboxResult(NamedTuple):
+    """Outcome of one program.
+
+    Attributes:
+        value: ``float(solution())`` when finite and numeric, else None.
+        status: ``ok`` | ``error`` (exception, non-numeric result, denied operation) | ``timeout`` |
+            ``crashed`` (killed by a signal / rlimit, or exited without a result) | ``rejected``
+            (not a string, or too long) | ``worker_died`` | ``worker_hung`` | ``sandbox_error``.
+        detail: a short human-readable reason.
+        seconds: wall-clock seconds the program ran.
+    """
+
+    value: float | None
+    status: str
+    detail: str
+    seconds: float
+
+
+def _minimal_env() -> dict[str, str]:
+    # The workers (and so the programs) never see the trainer's environment (tokens, paths, ...).
+    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+
+
+class _Worker:
+    """One worker process and its line-buffered reply pipe."""
+
+    def __init__(self, config: dict):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-I", _WORKER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            env=_minimal_env(), cwd="/", close_fds=True, start_new_session=True)
+        self.fd = self.proc.stdout.fileno()
+        self.buf = b""
+        self.proc.stdin.write(json.dumps(config).encode() + b"\n")
+        self.proc.stdin.flush()
+        line = self._read_line(time.monotonic() + _START_TIMEOUT)
+        if line is None:
+            self.kill()
+            raise RuntimeError(f"sandbox worker failed to start (exit code {self.proc.poll()})")
+        self.info = json.loads(line)
+        self.pid = self.proc.pid
+
+    def _read_line(self, deadline: float) -> bytes | None:
+        """Block until a full reply line, EOF (None) or the deadline (None)."""
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                return None
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                return None
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    def send(self, code: str, timeout: float) -> None:
+        self.proc.stdin.write(json.dumps({"code": code, "timeout": timeout}).encode() + b"\n")
+        self.proc.stdin.flush()
+
+    def poll_reply(self) -> tuple[bytes | None, bool]:
+        """Read what is available (the fd is readable). Returns (line or None, eof)."""
+        chunk = os.read(self.fd, 65536)
+        if not chunk:
+            return None, True
+        self.buf += chunk
+        if b"\n" in self.buf:
+            line, _, self.buf = self.buf.partition(b"\n")
+            return line, False
+        return None, False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        self.proc.wait()
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+    def close(self, wait: float = 2.0) -> None:
+        try:
+            self.proc.stdin.close()  # EOF: the worker finishes its loop and removes its directory
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            pass
+        self.kill()
+
+
+class Sandbox:
+    """A reusable pool of sandbox workers.
+
+    Args:
+        workers: number of worker processes (programs run in parallel across them).
+        timeout: default wall-clock seconds per program (ReFT: 10).
+        cpu_seconds: RLIMIT_CPU per program.
+        memory_mb: RLIMIT_AS per program, MiB (must exceed a worker's ~30 MiB address space).
+        fsize_mb: RLIMIT_FSIZE per program, MiB.
+        preload: modules imported once per worker and visible to programs as globals (ReFT prepends
+            ``import math``). Add ``"sympy"`` for programs that use it: a program runs as ``nobody``
+            when the trainer is root and may be unable to import from a root-only interpreter tree.
+        drop_privileges: when running as root, run programs as ``nobody``.
+        isolate: new network (and mount) namespace per worker when the OS allows it.
+        private_tmp: private tmpfs on /tmp, /var/tmp, /dev/shm inside the worker's mount namespace.
+        max_program_chars: longer programs are rejected without running.
+    """
+
+    def __init__(self, workers: int = 2, timeout: float = 10.0, cpu_seconds: int = 5, memory_mb: int = 1024,
+                 *, fsize_mb: int = 16, preload: Sequence[str] = DEFAULT_PRELOAD, drop_privileges: bool = True,
+                 isolate: bool = True, private_tmp: bool = True, max_program_chars: int = 100_000):
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        if cpu_seconds < 1:
+            raise ValueError(f"cpu_seconds must be >= 1, got {cpu_seconds}")
+        if memory_mb < 64:
+            raise ValueError(f"memory_mb must be >= 64, got {memory_mb}")
+        if fsize_mb < 1:
+            raise ValueError(f"fsize_mb must be >= 1, got {fsize_mb}")
+        self.timeout = float(timeout)
+        self.max_program_chars = max_program_chars
+        self._config = {"cpu_seconds": int(cpu_seconds), "memory_mb": int(memory_mb), "fsize_mb": int(fsize_mb),
+                        "preload": list(preload), "drop_privileges": bool(drop_privileges),
+                        "isolate": bool(isolate), "private_tmp": bool(private_tmp)}
+        self._lock = threading.Lock()
+        self._owner = os.getpid()
+        self._closed = False
+        self._workers: list[_Worker] = []
+        self.replaced = 0  # workers that died or hung and were restarted
+        try:
+            for _ in range(workers):
+                self._workers.append(_Worker(self._config))
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def worker_pids(self) -> list[int]:
+        """Pids of the current workers (stable across calls unless a worker was replaced)."""
+        return [w.pid for w in self._workers]
+
+    @property
+    def layers(self) -> dict:
+        """Isolation layers a worker activated on this machine, and errors of the optional ones."""
+        info = self._workers[0].info if self._workers else {}
+        return {**info.get("layers", {}), "errors": info.get("errors", {})}
+
+    # ------------------------------------------------------------------ running
+    def run_programs(self, programs: Sequence[str], timeout: float | None = None) -> list[float | None]:
+        """Run each program's ``solution()``; value when it returns a finite number, else None.
+
+        Args:
+            programs: full program texts (``templates.program_from_generation``).
+            timeout: wall-clock seconds per program (default: the pool's).
+
+        Returns:
+            One value per program, in input order.
+        """
+        return [r.value for r in self.run_programs_detailed(programs, timeout)]
+
+    def run_programs_detailed(self, programs: Sequence[str], timeout: float | None = None) -> list[SandboxResult]:
+        """``run_programs`` with the status, reason and run time of every program."""
+        timeout = self.timeout if timeout is None else float(timeout)
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0, got {timeout}")
+        results: list[SandboxResult | None] = [None] * len(programs)
+        queue: deque[int] = deque()
+        for i, p in enumerate(programs):
+            if not isinstance(p, str):
+                results[i] = SandboxResult(None, "rejected", f"not a string: {type(p).__name__}", 0.0)
+            elif len(p) > self.max_program_chars:
+                results[i] = SandboxResult(None, "rejected", f"{len(p)} chars > {self.max_program_chars}", 0.0)
+            else:
+                queue.append(i)
+        retried: set[int] = set()
+        with self._lock:
+            self._check_usable()
+            idle = list(range(len(self._workers)))
+            busy: dict[int, tuple[int, float]] = {}  # worker slot -> (program index, hang deadline)
+            while queue or busy:
+                while idle and queue:
+                    slot, i = idle.pop(), queue.popleft()
+                    if not self._workers[slot].alive():
+                        self._replace(slot)
+                    try:
+                        self._workers[slot].send(programs[i], timeout)
+                    except OSError:  # the worker died while idle: restart it, retry the program
+                        self._replace(slot)
+                        queue.appendleft(i)
+                        idle.append(slot)
+                        continue
+                    busy[slot] = (i, time.monotonic() + timeout + _HANG_GRACE)
+                if not busy:
+                    continue
+                fds = {self._workers[s].fd: s for s in busy}
+                wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
+                readable, _, _ = select.select(list(fds), [], [], wait)
+                for fd in readable:
+                    slot = fds[fd]
+                    i, _ = busy[slot]
+                    try:
+                        line, eof = self._workers[slot].poll_reply()
+                    except OSError:
+                        line, eof = None, True
+                    if line is not None:
+                        results[i] = self._parse_reply(line)
+                    elif eof:
+                        # A program cannot reach its worker (separate process, other uid), so this is
+                        # an outside event: run the program once more on a fresh worker.
+                        self._replace(slot)
+                        if i in retried:
+                            results[i] = SandboxResult(None, "worker_died", "the worker exited twice", 0.0)
+                        else:
+                            retried.add(i)
+                            queue.appendleft(i)
+                    else:
+                        continue  # partial line
+                    del busy[slot]
+                    idle.append(slot)
+                now = time.monotonic()
+                for slot in [s for s, (_, d) in busy.items() if d <= now]:
+                    i, _ = busy.pop(slot)
+                    results[i] = SandboxResult(None, "worker_hung", "no reply; worker restarted", timeout)
+                    self._replace(slot)
+                    idle.append(slot)
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _parse_reply(line: bytes) -> SandboxResult:
+        try:
+            r = json.loads(line)
+            value = r["value"]
+            if value is not None:
+                value = float(value)
+            return SandboxResult(value, str(r["status"]), str(r["detail"]), float(r["seconds"]))
+        except (ValueError, KeyError, TypeError):
+            return SandboxResult(None, "sandbox_error", "malformed worker reply", 0.0)
+
+    def _replace(self, slot: int) -> None:
+        self._workers[slot].kill()
+        self._workers[slot] = _Worker(self._config)
+        self.replaced += 1
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("the sandbox is closed")
+        if os.getpid() != self._owner:
+            raise RuntimeError("a Sandbox cannot be used from a forked copy of its process; create one per process")
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Stop the workers (idempotent)."""
+        if self._closed or os.getpid() != self._owner:
+            return
+        self._closed = True
+        for w in self._workers:
+            w.close()
+        self._workers = []
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+_default: Sandbox | None = None
+_default_lock = threading.Lock()
+
+
+def default_sandbox() -> Sandbox:
+    """The process-wide pool used by the module-level ``run_programs`` (created on first use)."""
+    global _default
+    with _default_lock:
+        if _default is None or _default._closed or _default._owner != os.getpid():
+            _default = Sandbox(workers=max(1, min(4, os.cpu_count() or 1)))
+            atexit.register(_default.close)
+        return _default
+
+
+def set_default_sandbox(sandbox: Sandbox | None) -> None:
+    """Use ``sandbox`` (e.g. built from ``RewardConfig``) for the module-level helpers."""
+    global _default
+    with _default_lock:
+        _default = sandbox
+
+
+def run_programs(programs: Sequence[str], timeout: float | None = None) -> list[float | None]:
+    """``Sandbox.run_programs`` on the shared default pool."""
+    return default_sandbox().run_programs(programs, timeout)

@@ -1,0 +1,132 @@
+"""Answer extraction edge cases (expected values written by hand) and the score in every partial mode,
+batched against the scalar version."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from carft_mega.reward import (PARTIAL_MODES, extract_answer, extract_answers, is_correct, parse_nl_answer,
+                               parse_number, score, score_batch)
+
+T = "\nTherefore, the answer is: "
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("2 + 3 = 5" + T + "5", 5.0),
+    (T + "1,000", 1000.0),
+    (T + "1,234,567.25", 1234567.25),
+    (T + "$18", 18.0),
+    (T + "$18.00.", 18.0),
+    (T + "-$5", -5.0),
+    (T + "$-5", -5.0),
+    (T + "- 5", -5.0),
+    (T + "\u22127", -7.0),
+    (T + "+4", 4.0),
+    (T + "  42  ", 42.0),
+    (T + "42.", 42.0),
+    (T + "3.5", 3.5),
+    (T + ".5", 0.5),
+    (T + "5.", 5.0),
+    (T + "<203>", 203.0),
+    (T + "<203>.", 203.0),
+    (T + "<1,000>", 1000.0),
+    (T + "0", 0.0),
+    (T + "007", 7.0),
+    (T + "3\nQuestion: next problem 9", 3.0),
+    (T + "\n12", 12.0),  # the answer on the next line
+    (T + "1" + T + "2", 2.0),  # the last trigger wins
+    ("Therefore, the answer is: 8", 8.0),  # trigger at the very start (no leading newline)
+    ("Question:\nq\nAnswer reasoning:\nx" + T + "6", 6.0),
+    # None: nothing numeric, or more than a number
+    ("no trigger here 5", None),
+    ("", None),
+    (T, None),
+    (T + "   ", None),
+    (T + "five", None),
+    (T + "5 pens", None),
+    (T + "5 or 6", None),
+    (T + "1,2", None),  # not a thousands separator
+    (T + "12,34", None),
+    (T + "1e3", None),
+    (T + "nan", None),
+    (T + "inf", None),
+    (T + "3/4", None),
+    (T + "$", None),
+    (T + "-", None),
+    (T + ".", None),
+    (T + "<>", None),
+    (T + "1.2.3", None),
+    ("Therefore, the answer is 5", None),  # ReFT's trigger has a colon
+])
+def test_nl_extraction(text, expected):
+    got = parse_nl_answer(text)
+    assert got == expected
+    assert extract_answer(text, "nl") == expected
+
+
+def test_parse_number_bare():
+    assert parse_number(" 12 ") == 12.0 and parse_number("x") is None
+
+
+def test_extract_answers_batch_nl_and_bad_style():
+    texts = [T + "1", "nothing", T + "2.5"]
+    assert extract_answers(texts, "nl") == [1.0, None, 2.5]
+    with pytest.raises(ValueError, match="style"):
+        extract_answer("x", "latex")
+
+
+def test_is_correct():
+    assert is_correct(5.0, 5.0) and is_correct(5.01, 5.0) and is_correct(4.995, 5.0)
+    assert not is_correct(5.011, 5.0) and not is_correct(None, 5.0) and not is_correct(float("nan"), 5.0)
+    assert not is_correct(float("inf"), 5.0)
+    assert is_correct(5.4, 5.0, tol=0.5) and not is_correct(5.6, 5.0, tol=0.5)
+
+
+def _ref_score(pred, gold, partial, pv, tol):
+    if pred is not None and abs(pred - gold) <= tol:
+        return 1.0
+    if pred is None:
+        return 0.0
+    return {"none": 0.0, "reft": 0.1, "embedding": pv}[partial]
+
+
+def test_score_scalar_all_modes():
+    assert score(3.0, 3.0, partial="none") == 1.0
+    assert score(3.0, 3.0, partial="embedding", partial_value=0.25) == 1.0
+    assert score(4.0, 3.0, partial="none") == 0.0
+    assert score(4.0, 3.0, partial="reft") == pytest.approx(0.1)
+    assert score(4.0, 3.0, partial="embedding", partial_value=0.27) == pytest.approx(0.27)
+    for mode in PARTIAL_MODES:
+        assert score(None, 3.0, partial=mode, partial_value=0.3) == 0.0
+    with pytest.raises(ValueError, match="partial_value"):
+        score(4.0, 3.0, partial="embedding")
+    with pytest.raises(ValueError, match="partial must be"):
+        score(4.0, 3.0, partial="cosine")
+
+
+@pytest.mark.parametrize("mode", PARTIAL_MODES)
+@pytest.mark.parametrize("B", [1, 7, 64])
+def test_score_batch_vs_loop(mode, B):
+    rng = random.Random(B)
+    golds = [float(rng.randint(0, 20)) for _ in range(B)]
+    preds = [rng.choice([None, g, g + 0.005, g + 1.0, -g, float("nan")]) for g in golds]
+    cos = torch.rand(B) * 2 - 1
+    pv = 0.1 * cos + 0.2  # what partial_reward_embedding returns for this cosine
+    out = score_batch(preds, torch.tensor(golds), partial=mode, partial_value=pv if mode == "embedding" else None)
+    assert out.dtype == torch.float32 and out.shape == (B,)
+    ref = [_ref_score(None if (p is not None and math.isnan(p)) else p, g, mode, pv[i].item(), 1e-2)
+           for i, (p, g) in enumerate(zip(preds, golds))]
+    assert torch.allclose(out, torch.tensor(ref, dtype=torch.float32))
+    scal = [score(p, g, partial=mode, partial_value=pv[i].item()) for i, (p, g) in enumerate(zip(preds, golds))]
+    assert torch.allclose(out, torch.tensor(scal, dtype=torch.float32))
+
+
+def test_score_batch_errors():
+    with pytest.raises(ValueError, match="length"):
+        score_batch([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="partial_value"):
+        score_batch([1.0], [2.0], partial="embedding")
+    with pytest.raises(ValueError, match="entries"):
+        score_batch([1.0], [2.0], partial="embedding", partial_value=torch.zeros(2))
