@@ -12,13 +12,106 @@ Environment knobs of the extension build (STYLE.md rule 9):
 """
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
 
 from setuptools import find_packages, setup
 
+_LCS_DIR = "kernels/cuda/lcs"  # relative to this file: setuptools wants relative source paths
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _build_warning(msg):
+    warnings.warn(msg, stacklevel=2)
+    print(f"carft_mega setup.py: WARNING: {msg}", file=sys.stderr)
+
+
+def _openmp_flags():
+    """``-fopenmp`` if the C++ compiler accepts it (GCC, Clang with libomp), else no flag."""
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            ok = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "omp")],
+                                capture_output=True, timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+    if not ok:
+        _build_warning(f"{cxx} does not accept -fopenmp: the CPU LCS path runs on one thread")
+    return ["-fopenmp"] if ok else []
+
+
+def _cuda_arch_flags():
+    """nvcc -gencode flags for CARFT_CUDA_ARCHS (default "80;90"), plus PTX of the newest arch."""
+    archs = [a.strip().replace(".", "") for a in os.environ.get("CARFT_CUDA_ARCHS", "80;90").split(";")]
+    archs = [a for a in archs if a]
+    if not archs:
+        raise ValueError("CARFT_CUDA_ARCHS is empty; give SM versions such as '80;90'")
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
 
 def _extensions():
-    """The C++/CUDA extension `carft_mega_ext` (see kernels/cuda/); empty when skipped."""
-    return [], {}
+    """The C++/CUDA extension `carft_mega_ext` (see kernels/cuda/); empty when skipped.
+
+    The CPU part (kernels/cuda/lcs/lcs.cpp) is always built; the CUDA part (lcs_kernel.cu, and
+    CARFT_WITH_CUDA defined for lcs.cpp) only with a CUDA build of torch and nvcc, and without
+    CARFT_SKIP_CUDA_BUILD. Without torch at build time the install is pure Python.
+    """
+    if _env_flag("CARFT_SKIP_EXT_BUILD"):
+        _build_warning("CARFT_SKIP_EXT_BUILD is set: pure-Python install, ops use their references")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError as e:
+        _build_warning(f"torch is not importable at build time ({e}): pure-Python install, ops use "
+                       "their references. Install torch first and use pip --no-build-isolation.")
+        return [], {}
+
+    cxx_flags = ["-O3"] + _openmp_flags()
+    link_flags = ["-fopenmp"] if "-fopenmp" in cxx_flags else []
+    sources = [f"{_LCS_DIR}/lcs.cpp"]
+    depends = [f"{_LCS_DIR}/lcs_kernel.h", f"{_LCS_DIR}/lcs_kernel.cuh"]
+
+    nvcc = None
+    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        nvcc = shutil.which("nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin")) or shutil.which("nvcc")
+    if _env_flag("CARFT_SKIP_CUDA_BUILD"):
+        print("carft_mega setup.py: CARFT_SKIP_CUDA_BUILD is set: CPU part only", file=sys.stderr)
+    elif torch.version.cuda is None:
+        print("carft_mega setup.py: CPU build of torch: CPU part only", file=sys.stderr)
+    elif nvcc is None:
+        _build_warning(f"torch is built for CUDA {torch.version.cuda} but nvcc was not found "
+                       "(set CUDA_HOME): CPU part only")
+    else:
+        nvcc_flags = ["-O3", "-std=c++17", "--threads", os.environ.get("NVCC_THREADS", "4")]
+        ext = cpp_extension.CUDAExtension(
+            name="carft_mega_ext",
+            sources=sources + [f"{_LCS_DIR}/lcs_kernel.cu"],
+            depends=depends,
+            define_macros=[("CARFT_WITH_CUDA", None)],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags + _cuda_arch_flags()},
+            extra_link_args=link_flags,
+        )
+        return [ext], {"build_ext": cpp_extension.BuildExtension}
+
+    ext = cpp_extension.CppExtension(
+        name="carft_mega_ext",
+        sources=sources,
+        depends=depends,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=link_flags,
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
 ext_modules, cmdclass = _extensions()
