@@ -1,6 +1,12 @@
 """cot_head (Triton kernel, interpreter on CPU) against cot_head_ref: forward outputs and all five
 gradients, tolerance from PyTorch's own error in the same dtype (tests/utils.py, STYLE.md rule 4)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -214,6 +220,66 @@ def test_large_d_falls_back_and_bad_inputs_raise():
         cot_head(h, W_p, b_p, w_v, b_v, masks[:, :, :-1])
     with pytest.raises(ValueError, match="impl"):
         cot_head(h, W_p, b_p, w_v, b_v, masks, impl="cuda")
+
+
+# Compiles every kernel and autotune config for sm_90 (through ptxas, no GPU or driver needed), in a
+# subprocess because this process imported triton in interpreter mode. Catches what the interpreter
+# accepts but the compiler rejects (layouts, dot shapes, loop-carried types).
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import itertools, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from carft_mega.ops.cot_head import _kernels
+
+    m = _kernels()
+    target = GPUTarget("cuda", 90, 32)
+    U8, F32 = ("span_ptr", "valid_ptr"), ("v_ptr", "part_max_ptr", "part_sum_ptr", "part_acc_ptr", "lse_ptr",
+                                          "z_ptr", "dz_ptr", "dv_ptr", "part_ptr", "part_dw_ptr")
+
+    def build(kernel, configs, dt, **fixed):
+        fn = kernel.fn if configs else kernel  # the autotuner wraps the JITFunction
+        for cfg in configs or [None]:
+            consts = dict(fixed, **(cfg.kwargs if cfg else {}))
+            sig = {}
+            for name in fn.arg_names:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name.endswith("_ptr"):
+                    fp32_de = name == "de_ptr" and dt == "fp32"
+                    sig[name] = "*u8" if name in U8 else "*fp32" if name in F32 or fp32_de else "*" + dt
+                else:
+                    sig[name] = "i32"
+            opts = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages} if cfg else {"num_warps": 2}
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts)
+            assert k.asm["cubin"], (kernel, cfg)
+
+    # Every autotune config in bf16 at the production tile; one config for the other dtypes, for the
+    # smallest tile and for each optional-gradient variant of the backward.
+    for dt, block_t, block_d, all_cfgs in (("bf16", 64, 64, True), ("bf16", 16, 16, False),
+                                           ("fp16", 64, 64, False), ("fp32", 64, 64, False)):
+        pick = (lambda c: c) if all_cfgs else (lambda c: c[:1])
+        fp32 = dt == "fp32"
+        build(m._cot_head_fwd_kernel, pick(m._FWD_CONFIGS), dt, BLOCK_T=block_t, BLOCK_D=block_d, DOT_FP32=fp32)
+        build(m._cot_head_bwd_kernel, pick(m._BWD_CONFIGS), dt, BLOCK_T=block_t, BLOCK_D=block_d, DOT_FP32=fp32,
+              HAS_DZ=True, HAS_DV=True, NEED_DH=True, NEED_DE=True)
+        build(m._cot_head_bwd_dw_kernel, pick(m._BWD_DW_CONFIGS), dt, BLOCK_D=block_d, DOT_FP32=fp32)
+    for has_dz, has_dv, need_dh, need_de in itertools.product((True, False), repeat=4):
+        if (has_dz or has_dv) and not (has_dz and has_dv and need_dh and need_de):
+            build(m._cot_head_bwd_kernel, m._BWD_CONFIGS[:1], "bf16", BLOCK_T=64, BLOCK_D=64, DOT_FP32=False,
+                  HAS_DZ=has_dz, HAS_DV=has_dv, NEED_DH=need_dh, NEED_DE=need_de)
+    build(m._cot_head_combine_kernel, None, "fp32", BLOCK_B=64, BLOCK_D=128)
+    print("compiled")
+""")
+
+
+def test_kernels_compile_for_sm90():
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
 
 
 @pytest.mark.gpu
