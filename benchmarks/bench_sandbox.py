@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--fresh-n", type=int, default=40, help="programs for the fresh-process reference")
     ap.add_argument("--timeout", type=float, default=1.0, help="timeout used for the timeout-cost runs")
-    ap.add_argument("--data-dir", default=os.environ.get("CARFT_DATA_DIR") or os.path.join(REPO, "..", "shared", "data"))
+    ap.add_argument("--data-dir",
+                    default=os.environ.get("CARFT_DATA_DIR") or os.path.join(REPO, "..", "shared", "data"))
     args = ap.parse_args()
 
     programs, golds = _programs(args.data_dir, args.n)

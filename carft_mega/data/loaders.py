@@ -295,3 +295,22 @@ def load_dataset(name: str, split: str, style: str = "nl", *, path: str | None =
         + "\n  - ".join(looked)
         + "\nPass path=, or data_dir= / set CARFT_DATA_DIR to a directory laid out as "
           "<dataset>/<file> (e.g. gsm8k/train.jsonl, svamp/svamp_nl.json)." + note)
+
+
+def load_from_config(data_cfg, split: str) -> list[Record]:
+    """``load_dataset`` driven by ``carft_mega.config.DataConfig``.
+
+    Uses ``train_path``/``test_path``, ``data_dir``, ``skip_bad_rows``, ``train_limit``/``eval_limit``
+    and, for the synthetic task, ``synthetic_{train,test}_size`` (capped by the limit),
+    ``synthetic_{min,max}_steps`` and ``seed``.
+    """
+    train = split == "train"
+    limit = data_cfg.train_limit if train else data_cfg.eval_limit
+    if data_cfg.dataset == "synthetic":
+        size = data_cfg.synthetic_train_size if train else data_cfg.synthetic_test_size
+        limit = size if limit is None else min(size, limit)
+    path = data_cfg.train_path if train else data_cfg.test_path
+    return load_dataset(data_cfg.dataset, split, data_cfg.style, path=path,
+                        data_dir=data_cfg.data_dir, skip_bad_rows=data_cfg.skip_bad_rows, limit=limit,
+                        seed=data_cfg.seed, min_steps=data_cfg.synthetic_min_steps,
+                        max_steps=data_cfg.synthetic_max_steps)

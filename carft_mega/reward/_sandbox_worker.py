@@ -12,12 +12,13 @@ Isolation, outermost first (each layer is reported; failures of optional layers 
      namespace with private tmpfs on /tmp, /var/tmp and /dev/shm (needs root, or unprivileged user
      namespaces); a minimal environment; its own session (the parent's signals do not reach it).
   2. per program, a forked child: own process group (killed as a group on timeout and after exit),
-     fresh working directory, stdin/stdout/stderr on /dev/null and every other inherited fd closed,
-     rlimits (CPU, address space, file size, no new processes/threads, few fds, no core), an empty
-     environment, privileges dropped to ``nobody`` when running as root (RLIMIT_NPROC and file
-     permissions then apply), and a Python audit hook that denies process creation, signals,
-     sockets, ctypes, frame/gc introspection, writes outside the working directory and reads outside
-     it and the interpreter's own directories.
+     killed with its worker (PR_SET_PDEATHSIG), a fresh working directory, stdin/stdout/stderr on
+     /dev/null and every other inherited fd closed, rlimits (CPU, address space, file size, no new
+     processes/threads, 64 fds, no core), an empty environment, privileges dropped to ``nobody`` when
+     running as root (RLIMIT_NPROC and file permissions then apply; root ignores both), and a Python
+     audit hook that denies process creation, signals, sockets, ctypes, tracing and gc
+     introspection, rewiring functions, writes outside the working directory and reads outside it
+     and the interpreter's own directories.
 The audit hook is a tripwire, not a boundary (PEP 578 says as much); the OS layers are the boundary.
 Forking per program means that nothing a program does (monkeypatching, leaked threads, exhausted
 CPU rlimit) survives into the next one, while the interpreter start-up and module imports are paid
@@ -77,7 +78,7 @@ _PROTECTED_ATTRS = frozenset({"__code__", "__defaults__", "__kwdefaults__", "__g
 
 DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "statistics", "itertools", "functools",
                    "operator", "collections", "datetime", "random", "re", "string", "numbers", "heapq",
-                   "bisect")
+                   "bisect", "dataclasses", "typing", "enum", "copy", "time")
 
 
 def _make_audit_hook(workdir, read_roots):
@@ -118,7 +119,8 @@ def _make_audit_hook(workdir, read_roots):
         return False
 
     def hook(event, args, *, _deny=_DENY_EVENTS, _deny_imports=_DENY_IMPORTS, _wd_events=_WORKDIR_EVENTS,
-             _read_events=_READ_EVENTS, _setattr_events=_SETATTR_EVENTS, _protected=_PROTECTED_ATTRS, _norm=norm, _inside=inside, _wd=(workdir,),
+             _read_events=_READ_EVENTS, _setattr_events=_SETATTR_EVENTS, _protected=_PROTECTED_ATTRS,
+             _norm=norm, _inside=inside, _wd=(workdir,),
              _read=(workdir,) + tuple(read_roots), _Err=PermissionError, _int=int, _type=type, _str=str,
              _none=None, _wflags=write_flags):
         if event in _deny:
@@ -193,7 +195,7 @@ def _setup_namespaces(private_tmp):
                     ok = True
                     for d in ("/tmp", "/var/tmp", "/dev/shm"):
                         if os.path.isdir(d) and libc.mount(b"tmpfs", d.encode(), b"tmpfs", MS_NOSUID | MS_NODEV,
-                                                           b"size=256m,mode=1777") != 0:
+                                                           b"size=64m,mode=1777") != 0:
                             errors[f"tmpfs {d}"] = os.strerror(ctypes.get_errno())
                             ok = ok and d != "/tmp"
                     layers["private_tmp"] = ok
@@ -423,7 +425,7 @@ def main():
     layers.update({"audit_hook": True, "rlimits": True, "process_group": True, "fresh_workdir": True,
                    "minimal_env": True, "drop_privileges": drop is not None, "uid": drop[0] if drop else os.geteuid(),
                    "pidfd": hasattr(os, "pidfd_open"), "die_with_worker": prctl is not None})
-    ready = {"ready": True, "pid": os.getpid(), "layers": layers, "errors": errors}
+    ready = {"ready": True, "pid": os.getpid(), "root": root, "layers": layers, "errors": errors}
     stdout.write(json.dumps(ready).encode() + b"\n")
     stdout.flush()
     try:

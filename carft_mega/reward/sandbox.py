@@ -18,6 +18,7 @@ import atexit
 import json
 import os
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -115,6 +116,13 @@ class _Worker:
                 f.close()
             except OSError:
                 pass
+        # A worker killed before its own clean-up leaves its directory behind, unless that lived on
+        # the worker's private tmpfs (gone with its mount namespace, and not visible from here).
+        info = getattr(self, "info", {})
+        root = info.get("root")
+        on_private_tmp = info.get("layers", {}).get("private_tmp")
+        if root and not on_private_tmp and os.path.basename(root).startswith("carft_sandbox_"):
+            shutil.rmtree(root, ignore_errors=True)
 
     def close(self, wait: float = 2.0) -> None:
         try:
@@ -175,6 +183,15 @@ class Sandbox:
         except BaseException:
             self.close()
             raise
+
+    @classmethod
+    def from_config(cls, reward_cfg, **kwargs) -> "Sandbox":
+        """A pool sized by ``carft_mega.config.RewardConfig`` (sandbox_workers, _timeout, _cpu_seconds,
+        _memory_mb); ``kwargs`` override or add keyword arguments."""
+        args = dict(workers=reward_cfg.sandbox_workers, timeout=reward_cfg.sandbox_timeout,
+                    cpu_seconds=reward_cfg.sandbox_cpu_seconds, memory_mb=reward_cfg.sandbox_memory_mb)
+        args.update(kwargs)
+        return cls(**args)
 
     # ------------------------------------------------------------------ introspection
     @property

@@ -82,5 +82,6 @@ def score_batch(preds: Sequence[float | None], golds: Sequence[float] | torch.Te
         partial_t = torch.as_tensor(partial_value, dtype=torch.float32).detach().reshape(-1).cpu()
         if partial_t.numel() != len(preds):
             raise ValueError(f"partial_value has {partial_t.numel()} entries for {len(preds)} predictions")
-    out = torch.where(correct, torch.ones(len(preds)), torch.where(extracted, partial_t.float(), torch.zeros(len(preds))))
+    zeros = torch.zeros(len(preds))
+    out = torch.where(correct, torch.ones(len(preds)), torch.where(extracted, partial_t, zeros))
     return out.to(dtype=torch.float32, device=device)

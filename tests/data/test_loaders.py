@@ -261,3 +261,18 @@ def test_argument_validation():
         load_dataset("gsm8k", "train", "latex")
     with pytest.raises(ValueError, match="no path"):
         load_dataset("synthetic", "train", path="x.json")
+
+
+def test_load_from_config(tmp_path):
+    from carft_mega.config import DataConfig
+    from carft_mega.data import load_from_config
+
+    cfg = DataConfig(dataset="synthetic", synthetic_train_size=40, synthetic_test_size=10, train_limit=25,
+                     synthetic_min_steps=2, synthetic_max_steps=2, seed=3)
+    train, test = load_from_config(cfg, "train"), load_from_config(cfg, "test")
+    assert len(train) == 25 and len(test) == 10
+    assert train == load_dataset("synthetic", "train", limit=25, seed=3, min_steps=2, max_steps=2)
+    assert all(r.cot.count("\n") == 1 for r in train)
+    explicit = _write(tmp_path, "t.json", json.dumps([dict(GOOD_ROW, item_id=f"x_{i}") for i in range(5)]))
+    cfg = DataConfig(dataset="svamp", test_path=explicit, eval_limit=3)
+    assert [r.id for r in load_from_config(cfg, "test")] == ["x_0", "x_1", "x_2"]

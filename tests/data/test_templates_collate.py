@@ -6,11 +6,12 @@ import random
 import pytest
 import torch
 
-from carft_mega.data import (ANSWER_TRIGGER, COT_TRIGGER, PROMPT_PREFIX, CharTokenizer, Record, build_generation_prefix,
-                             build_prompt, build_target, collate_prompts, collate_sft, encode_prompt, encode_sft,
-                             encode_sft_batch, make_synthetic, program_from_generation)
+from carft_mega.data import (ANSWER_TRIGGER, COT_TRIGGER, PROMPT_PREFIX, CharTokenizer, Record,
+                             build_generation_prefix, build_prompt, build_target, collate_prompts, collate_sft,
+                             encode_prompt, encode_sft, encode_sft_batch, make_synthetic, program_from_generation)
 
-NL = Record(id="a", question="  Ann has 3 pens. How many? ", cot=" 3 + 0 = 3\n", answer=3.0, answer_text="3", style="nl")
+NL = Record(id="a", question="  Ann has 3 pens. How many? ", cot=" 3 + 0 = 3\n", answer=3.0, answer_text="3",
+            style="nl")
 PY = Record(id="b", question="Ann has 3 pens. How many?",
             cot='def solution():\n    """Ann has 3 pens. How many?"""\n    pens = 3\n    return pens\n',
             answer=3.0, answer_text="3", style="python")

@@ -304,3 +304,12 @@ def test_closed_pool_and_arguments():
         Sandbox(workers=0)
     with pytest.raises(ValueError, match="memory_mb"):
         Sandbox(memory_mb=8)
+
+
+def test_from_config():
+    from carft_mega.config import RewardConfig
+
+    cfg = RewardConfig(sandbox_workers=1, sandbox_timeout=2.5, sandbox_cpu_seconds=2, sandbox_memory_mb=300)
+    with Sandbox.from_config(cfg) as pool:
+        assert len(pool.worker_pids) == 1 and pool.timeout == 2.5
+        assert pool.run_programs([prog("return 2 ** 10")]) == [1024.0]
