@@ -4,7 +4,7 @@ Forward (reads h once): one program per (row, BLOCK_T positions) builds e with t
 stores V and per-span partial softmax stats (max, sum, weighted e); a small kernel merges the T blocks
 (split-T as in flash-decoding), so N=64 rows still fill an H100. Backward: recompute e, write dh = de W_p,
 then dW_p = de^T h as a split-row GEMM (fwd+bwd: three reads of h, one write of dh).
-Limits: d <= 128 (the e tile lives in registers, 255 regs at BLOCK_T=64 on sm_90); K is a runtime loop."""
+Limits: d <= 128 (the (BLOCK_T, d) e tile lives in registers); K is a runtime loop; not yet timed on a GPU."""
 
 import os
 
