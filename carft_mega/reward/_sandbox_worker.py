@@ -12,7 +12,7 @@ Isolation, outermost first (each layer is reported; failures of optional layers 
      namespace with private tmpfs on /tmp, /var/tmp and /dev/shm (needs root, or unprivileged user
      namespaces); a minimal environment; its own session (the parent's signals do not reach it).
   2. per program, a forked child: own process group (killed as a group on timeout and after exit),
-     killed with its worker (PR_SET_PDEATHSIG), a fresh working directory, stdin/stdout/stderr on
+     killed with its worker (PR_SET_PDEATHSIG), no_new_privs, a fresh working directory, stdin/stdout/stderr on
      /dev/null and every other inherited fd closed, rlimits (CPU, address space, file size, no new
      processes/threads, 64 fds, no core), an empty environment, privileges dropped to ``nobody`` when
      running as root (RLIMIT_NPROC and file permissions then apply; root ignores both), and a Python
@@ -274,6 +274,8 @@ def _child(code, workdir, cfg, drop, read_roots, prctl, worker_pid):
             prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
             if os.getppid() != worker_pid:
                 os._exit(1)
+            # An exec that slips past the audit hook gains nothing from setuid binaries.
+            prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
         os.environ.clear()
         # Bind what the epilogue needs before the program can touch modules or builtins.
         write, isfinite, repr_, float_ = os.write, __import__("math").isfinite, repr, float
@@ -424,7 +426,8 @@ def main():
              "pid": os.getpid()}
     layers.update({"audit_hook": True, "rlimits": True, "process_group": True, "fresh_workdir": True,
                    "minimal_env": True, "drop_privileges": drop is not None, "uid": drop[0] if drop else os.geteuid(),
-                   "pidfd": hasattr(os, "pidfd_open"), "die_with_worker": prctl is not None})
+                   "pidfd": hasattr(os, "pidfd_open"), "die_with_worker": prctl is not None,
+                   "no_new_privs": prctl is not None})
     ready = {"ready": True, "pid": os.getpid(), "root": root, "layers": layers, "errors": errors}
     stdout.write(json.dumps(ready).encode() + b"\n")
     stdout.flush()
