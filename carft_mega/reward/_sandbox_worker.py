@@ -50,7 +50,7 @@ _DENY_EVENTS = frozenset({
     "ctypes.set_errno", "ctypes.get_errno", "mmap.__new__", "resource.setrlimit", "resource.prlimit",
     "fcntl.ioctl", "sys._current_frames", "sys._current_exceptions", "sys.settrace",
     "sys.setprofile", "sys.addaudithook", "gc.get_objects", "gc.get_referrers", "gc.get_referents",
-    "object.__getattr__", "code.__new__", "function.__new__",
+    "code.__new__", "function.__new__",
     "_thread.start_new_thread", "cpython.PyInterpreterState_New",
     "cpython.run_command", "cpython.run_file", "cpython.run_module", "cpython.run_stdin",
     "shutil.chown", "shutil.rmtree", "os.chroot", "os.truncate", "webbrowser.open", "syslog.openlog",
@@ -76,6 +76,7 @@ _SETATTR_EVENTS = frozenset({"object.__setattr__", "object.__delattr__"})
 _PROTECTED_ATTRS = frozenset({"__code__", "__defaults__", "__kwdefaults__", "__globals__", "__closure__",
                               "__builtins__", "__dict__"})
 
+_GLOBAL_MODULES = ("math", "sympy")
 DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "statistics", "itertools", "functools",
                    "operator", "collections", "datetime", "random", "re", "string", "numbers", "heapq",
                    "bisect", "dataclasses", "typing", "enum", "copy", "time")
@@ -110,7 +111,7 @@ def _make_audit_hook(workdir, read_roots):
             parts.append(part)
         return "/" + "/".join(parts)
 
-    def inside(path, roots, *, _tuple=tuple):
+    def inside(path, roots):
         if path is None:
             return False
         for root in roots:
@@ -170,7 +171,7 @@ def _setup_namespaces(private_tmp):
     CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
     MS_NOSUID, MS_NODEV, MS_REC, MS_PRIVATE = 2, 4, 16384, 1 << 18
     try:
-        import ctypes  # removed from sys.modules again below; imports of it are denied later
+        import ctypes  # dropped from sys.modules by _forget_ctypes(); programs may not import it
 
         libc = ctypes.CDLL(None, use_errno=True)
         uid, gid = os.getuid(), os.getgid()
@@ -233,6 +234,17 @@ def _nobody():
         return 65534, 65534
 
 
+def _vm_size_kib():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _read_roots():
     roots = set()
     for p in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix):
@@ -281,7 +293,7 @@ def _child(code, workdir, cfg, drop, read_roots, prctl, worker_pid):
         write, isfinite, repr_, float_ = os.write, __import__("math").isfinite, repr, float
         bool_, str_, bytes_, BaseException_ = bool, str, bytes, BaseException
         namespace = {"__name__": "__sandbox__", "__builtins__": __builtins__}
-        for name in cfg["preload"]:
+        for name in _GLOBAL_MODULES:  # ReFT prepends "import math" and "import sympy" to every program
             if name in sys.modules:
                 namespace[name] = sys.modules[name]
         sys.addaudithook(_make_audit_hook(workdir, read_roots))
@@ -417,6 +429,10 @@ def main():
             __import__(name)
         except ImportError as e:
             errors[f"preload {name}"] = str(e)
+    vm_kib = _vm_size_kib()
+    if vm_kib is not None and vm_kib // 1024 + 64 > cfg["memory_mb"]:
+        errors["memory_mb"] = (f"memory_mb={cfg['memory_mb']} leaves programs no room: the worker already maps "
+                               f"{vm_kib // 1024} MiB of address space (RLIMIT_AS counts it)")
     drop = None
     if os.geteuid() == 0 and cfg["drop_privileges"]:
         drop = _nobody()

@@ -73,6 +73,9 @@ class _Worker:
             raise RuntimeError(f"sandbox worker failed to start (exit code {self.proc.poll()})")
         self.info = json.loads(line)
         self.pid = self.proc.pid
+        if "memory_mb" in self.info.get("errors", {}):
+            self.close()
+            raise ValueError(self.info["errors"]["memory_mb"])
 
     def _read_line(self, deadline: float) -> bytes | None:
         """Block until a full reply line, EOF (None) or the deadline (None)."""
