@@ -40,13 +40,14 @@ def extension_available(device: torch.device | str = "cpu") -> bool:
 
 
 def lcs_masks(
-    a: torch.Tensor, a_len: torch.Tensor, b: torch.Tensor, b_len: torch.Tensor
+    a: torch.Tensor, a_len: torch.Tensor, b: torch.Tensor, b_len: torch.Tensor, *,
+    check_lengths: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched LCS over the first ``a_len[r]`` / ``b_len[r]`` tokens of each row pair.
 
     Bit-identical to ``lcs_masks_ref`` (DESIGN.md Sec. 4 tie-break). CUDA tensors run the CUDA
-    kernel on the current stream (one synchronisation, to check the lengths); CPU tensors run the
-    C++ path on ``torch.get_num_threads()`` threads.
+    kernel on the current stream; CPU tensors run the C++ path on ``torch.get_num_threads()``
+    threads.
 
     Args:
         a: ``(N, La)`` int32 or int64 token ids; positions ``>= a_len`` are ignored.
@@ -54,6 +55,9 @@ def lcs_masks(
             CPU it may be given for CUDA ``a`` (it is moved).
         b: ``(N, Lb)`` int32 or int64 token ids, on the device of ``a``; its dtype may differ.
         b_len: ``(N,)`` int32 or int64, in ``[0, Lb]``.
+        check_lengths: on CUDA, check the lengths' range (one device synchronisation). False
+            skips it for lengths known to be valid; out-of-range ones are then clamped to
+            ``[0, L]`` instead of raising. CPU inputs are always checked (it costs nothing).
 
     Returns:
         in_lcs_a: ``(N, La)`` bool, True at the tokens of ``a`` in the LCS (False past ``a_len``).
@@ -80,7 +84,7 @@ def lcs_masks(
         a_len, b_len = a_len.to(a.device), b_len.to(a.device)
         if getattr(_C, "with_cuda", False):
             stream = torch.cuda.current_stream(a.device).cuda_stream
-            return _C.lcs_masks_cuda(a.contiguous(), a_len, b.contiguous(), b_len, stream)
+            return _C.lcs_masks_cuda(a.contiguous(), a_len, b.contiguous(), b_len, stream, check_lengths)
         _warn_once("no_cuda", "carft_mega_ext was built without its CUDA part (CPU torch, no nvcc "
                    "or CARFT_SKIP_CUDA_BUILD), so lcs_masks copies CUDA inputs to its CPU path. "
                    "Rebuild with a CUDA torch and nvcc for the kernel.")
@@ -148,13 +152,15 @@ def span_lcs_masks(
             raise TypeError(f"span_lcs_masks: tokens_{side} must be int32 or int64, got {tok.dtype}")
         if span.device != tok.device or tok.device != tokens_a.device:
             raise ValueError(f"span_lcs_masks: all inputs must be on one device, got tokens_a on "
-                             f"{tokens_a.device}, tokens_{side} on {tok.device}, span_{side} on {span.device}")
+                             f"{tokens_a.device}, tokens_{side} on {tok.device}, "
+                             f"span_{side} on {span.device}")
     if tokens_a.shape[0] != tokens_b.shape[0]:
         raise ValueError(f"span_lcs_masks: batch mismatch, tokens_a {tuple(tokens_a.shape)} vs "
                          f"tokens_b {tuple(tokens_b.shape)}")
     comp_a, len_a, dest_a = _compact(tokens_a, span_a)  # (N, La), (N,), (N, Ta)
     comp_b, len_b, dest_b = _compact(tokens_b, span_b)
-    in_a, in_b, _ = lcs_masks(comp_a, len_a, comp_b, len_b)  # (N, La), (N, Lb)
+    # The lengths are valid by construction: no second synchronisation on CUDA.
+    in_a, in_b, _ = lcs_masks(comp_a, len_a, comp_b, len_b, check_lengths=False)  # (N, La), (N, Lb)
     # Pad to full width with False, then pull each position's flag from where it was sent.
     lcs_a = F.pad(in_a, (0, tokens_a.shape[1] - in_a.shape[1])).gather(1, dest_a) & span_a
     lcs_b = F.pad(in_b, (0, tokens_b.shape[1] - in_b.shape[1])).gather(1, dest_b) & span_b

@@ -25,8 +25,8 @@ CU_FILES = sorted(CUDA_DIR.rglob("*.cu"))
 
 
 def _nvcc():
-    for cand in (shutil.which("nvcc"),
-                 os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc") if os.environ.get("CUDA_HOME") else None,
+    cuda_home = os.environ.get("CUDA_HOME")
+    for cand in (shutil.which("nvcc"), cuda_home and os.path.join(cuda_home, "bin", "nvcc"),
                  "/usr/local/cuda/bin/nvcc"):
         if cand and os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
@@ -37,13 +37,15 @@ def _nvcc():
 def nvcc():
     path = _nvcc()
     if path is None:
-        pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): cannot compile-check .cu files")
+        pytest.skip("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin): "
+                    "cannot compile-check .cu files")
     return path
 
 
 def _run(cmd, what):
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{what} failed ({' '.join(map(str, cmd))}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (f"{what} failed ({' '.join(map(str, cmd))}):\n"
+                                  f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc
 
 

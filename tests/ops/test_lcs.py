@@ -131,7 +131,8 @@ def test_long_pairs_1024(ext):
     a = torch.randint(0, 2, (3, 1024), generator=gen)
     b = torch.randint(0, 2, (3, 1024), generator=gen)
     a[1] = torch.randint(0, 3000, (1024,), generator=gen)
-    b[1] = torch.where(torch.rand(1024, generator=gen) < 0.5, a[1], torch.randint(0, 3000, (1024,), generator=gen))
+    noise = torch.randint(0, 3000, (1024,), generator=gen)
+    b[1] = torch.where(torch.rand(1024, generator=gen) < 0.5, a[1], noise)
     a_len = torch.tensor([1024, 1024, 1024])
     b_len = torch.tensor([1024, 1024, 300])
     assert_same(lcs_masks(a, a_len, b, b_len), lcs_masks_ref(a, a_len, b, b_len), "1024 pairs")
@@ -391,7 +392,8 @@ def test_cuda_kernel_source_emulated_wide_rows(emu):
         args = random_batch(2, 24, lb, 3, torch.int32, gen)
         assert_same(run_emu(emu, *args, s, use_smem=False), lcs_masks_ref(*args), f"emulated Lb={lb} S={s}")
     a = torch.randint(0, 3000, (1, 1024), generator=gen)
-    b = torch.where(torch.rand(1, 1024, generator=gen) < 0.5, a, torch.randint(0, 3000, (1, 1024), generator=gen))
+    noise = torch.randint(0, 3000, (1, 1024), generator=gen)
+    b = torch.where(torch.rand(1, 1024, generator=gen) < 0.5, a, noise)
     lens = torch.tensor([1024])
     assert_same(run_emu(emu, a, lens, b, lens), lcs_masks_ref(a, lens, b, lens), "emulated 1024^2")
 
@@ -415,6 +417,8 @@ def test_cuda_path_matches_cpu_and_ref(ext):
         gpu = lcs_masks(a.to(dev), a_len.to(dev), b.to(dev), b_len.to(dev))
         assert gpu[0].device.type == "cuda"
         assert_same(gpu, cpu, f"cuda batch {k}")
+        unchecked = lcs_masks(a.to(dev), a_len.to(dev), b.to(dev), b_len.to(dev), check_lengths=False)
+        assert_same(unchecked, cpu, f"cuda batch {k}, check_lengths=False")
         if a.shape[0] * a.shape[1] * b.shape[1] <= 2e6:
             assert_same(gpu, lcs_masks_ref(a, a_len, b, b_len), f"cuda batch {k} vs ref")
     # a side stream, mixed dtypes, lengths on the CPU

@@ -136,6 +136,7 @@ __global__ void __launch_bounds__(kThreads)
       stop = match | static_cast<int>(((vrow[p >> 6] >> (p & 63)) & 1u) ^ 1u);
     }
     const unsigned ballot = __ballot_sync(kFullMask, stop);
+    const unsigned matches = __ballot_sync(kFullMask, match);  // independent: no extra latency
     if (ballot == 0u) {  // 32 left moves
       j -= 32;
       continue;
@@ -143,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
     const int first = __ffs(ballot) - 1;
     const int64_t q = j - 1 - first;
     if (q < 0) break;  // left off the table: j reaches 0
-    if (__shfl_sync(kFullMask, match, first)) {
+    if ((matches >> first) & 1u) {
       if (lane == 0) {
         out_a[i - 1] = true;
         out_b[q] = true;
