@@ -79,10 +79,11 @@ def test_timeouts(sb):
     wall = time.monotonic() - t0
     assert [r.value for r in res] == [None] * 4 + [1.0]
     assert res[0].status in ("timeout", "crashed") and res[1].status == "timeout"
-    assert all(r.seconds <= TIMEOUT + 0.5 for r in res)
-    assert wall < 2 * TIMEOUT + 1.5  # two workers, four long programs
+    # generous margins: the box may be busy; what matters is that nothing runs for its full 60 s
+    assert all(r.seconds <= TIMEOUT + 1.0 for r in res)
+    assert wall < 2 * TIMEOUT + 4.0  # two workers, four long programs
     r = sb.run_programs_detailed([prog("time.sleep(60)", "import time\n")], timeout=0.3)[0]
-    assert r.value is None and r.status == "timeout" and r.seconds < 0.8
+    assert r.value is None and r.status == "timeout" and r.seconds < 1.5
     _healthy(sb, pids)
 
 
