@@ -276,3 +276,13 @@ def test_load_from_config(tmp_path):
     explicit = _write(tmp_path, "t.json", json.dumps([dict(GOOD_ROW, item_id=f"x_{i}") for i in range(5)]))
     cfg = DataConfig(dataset="svamp", test_path=explicit, eval_limit=3)
     assert [r.id for r in load_from_config(cfg, "test")] == ["x_0", "x_1", "x_2"]
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["gsm8k", "svamp"])
+def test_real_targets_extract_to_their_answer(name):
+    from carft_mega.data import build_prompt, build_target
+    from carft_mega.reward import parse_nl_answer
+
+    for r in load_dataset(name, "train", data_dir=DATA_DIR):
+        assert parse_nl_answer(build_prompt(r) + build_target(r)) == r.answer, r.id
