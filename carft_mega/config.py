@@ -472,6 +472,21 @@ def validate(cfg: TrainerConfig) -> None:
 # Building from dicts, YAML and overrides
 
 
+def _fit(value: Any, tp: Any) -> Any:
+    """Numbers YAML leaves as strings (``1e-3`` needs a dot in YAML 1.1) for float fields; ints
+    for float fields."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
+    if float in args and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if float in args and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
+
+
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a nested dict; unknown keys raise ValueError naming them."""
     if not isinstance(data, dict):
@@ -489,7 +504,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = from_dict(tp, value or {}, prefix + key + ".")
         else:
-            kwargs[key] = value
+            kwargs[key] = _fit(value, tp)
     return cls(**kwargs)
 
 
@@ -505,8 +520,7 @@ def _coerce(value: str, tp: Any, name: str) -> Any:
         parsed = None
     origin = typing.get_origin(tp)
     args = typing.get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
-    if float in args and isinstance(parsed, int) and not isinstance(parsed, bool):
-        parsed = float(parsed)
+    parsed = _fit(parsed, tp)
     if str in args and parsed is not None and not isinstance(parsed, str):
         parsed = value  # keep '0123' or '1e3' verbatim for string fields
     if not _matches(parsed, tp):

@@ -103,8 +103,13 @@ class MetricsLogger:
                          smoothing=0.1)
 
     def log(self, stage: str, step: int, metrics: dict[str, Any], advance: bool = True) -> None:
-        """Record one step's metrics (tensors are converted; non-scalars dropped)."""
+        """Record one step's metrics (tensors are converted; non-scalars dropped). Empty
+        ``metrics`` only advances the progress bar."""
         if not self.enabled:
+            return
+        if not metrics:
+            if self._bar is not None and advance:
+                self._bar.update(1)
             return
         row: dict[str, Any] = {"stage": stage, "step": step, "time": time.time()}
         for k, v in metrics.items():
@@ -124,6 +129,11 @@ class MetricsLogger:
             self._bar.set_postfix(shown, refresh=False)
             if advance:
                 self._bar.update(1)
+
+    def maybe_plot(self, step: int, every: int = 10) -> None:
+        """Refresh ``curves.png`` every ``every`` steps, so a long run shows its curves as it goes."""
+        if step % every == 0:
+            self.plot()
 
     def write(self, text: str) -> None:
         """Print a line without breaking the progress bar."""
