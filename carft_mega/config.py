@@ -121,6 +121,8 @@ class DataConfig:
     """Fewest arithmetic steps in a synthetic problem."""
     synthetic_max_steps: int = 3
     """Most arithmetic steps in a synthetic problem."""
+    synthetic_max_value: int = 99
+    """Largest number in a synthetic problem (the difficulty knob; >= 2)."""
     seed: int = 0
     """Seed of the synthetic generator and of the shuffling."""
 
@@ -405,6 +407,8 @@ def validate(cfg: TrainerConfig) -> None:
     _positive("data.synthetic_train_size", d.synthetic_train_size)
     _positive("data.synthetic_test_size", d.synthetic_test_size)
     _positive("data.synthetic_min_steps", d.synthetic_min_steps)
+    if d.synthetic_max_value < 2:
+        _fail("data.synthetic_max_value", d.synthetic_max_value, "must be >= 2")
     if d.synthetic_max_steps < d.synthetic_min_steps:
         _fail("data.synthetic_max_steps", d.synthetic_max_steps, "must be >= data.synthetic_min_steps")
     for stage in ("sft", "ppo"):

@@ -16,7 +16,7 @@ python style uses the same question with a ReFT-style program as its CoT::
         pens = pens - 2
         return pens
 
-Every intermediate and final value stays in 0..99. Train and test never share a question: a
+Every intermediate and final value stays in 0..max_value (99 by default). Train and test never share a question: a
 question belongs to the test split iff crc32(question) % 10 == 0, and the two splits are also drawn
 from different seeds (2*seed and 2*seed+1).
 """
@@ -42,20 +42,21 @@ def split_of(question: str) -> str:
     return "test" if zlib.crc32(question.encode()) % _TEST_BUCKETS == 0 else "train"
 
 
-def _problem(rng: random.Random, n_steps: int) -> tuple[str, list[tuple[int, str, int, int]], str, int]:
-    """Draw one problem: (question, steps [(x, op, k, y)], object, answer)."""
+def _problem(rng: random.Random, n_steps: int, max_value: int = MAX_VALUE
+             ) -> tuple[str, list[tuple[int, str, int, int]], str, int]:
+    """Draw one problem: (question, steps [(x, op, k, y)], object, answer); values in 0..max_value."""
     name, pron = rng.choice(NAMES)
     obj = rng.choice(OBJECTS)
-    cur = rng.randint(1, 30)
+    cur = rng.randint(1, min(30, max_value))
     start = cur
     sentences = [f"{name} has {start} {obj}."]
     steps = []
     for _ in range(n_steps):
         # Subtract only when something is left; add only while the sum can stay <= MAX_VALUE.
-        can_add, can_sub = cur < MAX_VALUE, cur > 0
+        can_add, can_sub = cur < max_value, cur > 0
         op = "+" if (can_add and (not can_sub or rng.random() < 0.5)) else "-"
         if op == "+":
-            k = rng.randint(1, min(20, MAX_VALUE - cur))
+            k = rng.randint(1, min(20, max_value - cur))
             sentences.append(f"{pron} {rng.choice(ADD_VERBS).format(k=k)}.")
             new = cur + k
         else:
@@ -81,6 +82,7 @@ def make_synthetic(
     *,
     style: Style = "nl",
     split: str | None = None,
+    max_value: int = MAX_VALUE,
 ) -> list[Record]:
     """Generate ``n`` problems, deterministically from ``seed``.
 
@@ -92,6 +94,8 @@ def make_synthetic(
         style: ``"nl"`` (CoT lines ``"x + k = y"``) or ``"python"`` (a ``solution()`` program).
         split: keep only questions of this split (``"train"``/``"test"``, see ``split_of``);
             None keeps all.
+        max_value: every starting, intermediate and final value stays in 0..max_value (the
+            difficulty knob: a tiny model learns max_value=20 in a few CPU minutes).
 
     Returns:
         ``n`` records with ids ``synthetic_<i>`` (``synthetic_<split>_<i>`` when split is given).
@@ -104,11 +108,13 @@ def make_synthetic(
         raise ValueError(f"style must be 'nl' or 'python', got {style!r}")
     if split not in (None, "train", "test"):
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
+    if max_value < 2:
+        raise ValueError(f"max_value must be >= 2, got {max_value}")
     rng = random.Random(seed)
     prefix = "synthetic_" if split is None else f"synthetic_{split}_"
     out: list[Record] = []
     while len(out) < n:
-        question, steps, obj, answer = _problem(rng, rng.randint(min_steps, max_steps))
+        question, steps, obj, answer = _problem(rng, rng.randint(min_steps, max_steps), max_value)
         if split is not None and split_of(question) != split:
             continue
         if style == "nl":
@@ -121,9 +127,9 @@ def make_synthetic(
 
 
 def synthetic_split(split: str, n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 3,
-                    style: Style = "nl") -> list[Record]:
+                    style: Style = "nl", max_value: int = MAX_VALUE) -> list[Record]:
     """The train or test split of the synthetic task: disjoint seeds and disjoint questions."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     split_seed = 2 * seed + (1 if split == "test" else 0)
-    return make_synthetic(n, split_seed, min_steps, max_steps, style=style, split=split)
+    return make_synthetic(n, split_seed, min_steps, max_steps, style=style, split=split, max_value=max_value)

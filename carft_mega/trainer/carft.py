@@ -167,6 +167,8 @@ def cot_spans(run: Run, records, roll: RolloutBatch):
     need_full = signal in ("positive", "both") or cfg.reward.partial == "embedding"
     need_neg = signal in ("negative", "both")
     gen_span, target = roll.gen_span(), ann["target_mask"]
+    if cfg.data.style == "python":
+        target = target & ~_header_mask(run, records, ann)
     names_r, names_a, masks_r, masks_a = [], [], [], []
     if need_full:
         names_r.append("full"), masks_r.append(gen_span)
@@ -180,6 +182,22 @@ def cot_spans(run: Run, records, roll: RolloutBatch):
     spans_r = torch.stack(masks_r) if masks_r else None
     spans_a = torch.stack(masks_a) if masks_a else None
     return ann, spans_r, spans_a, names_r, names_a
+
+
+def _header_mask(run: Run, records, ann) -> torch.Tensor:
+    """``(n, La)`` bool: the ``def solution():`` header (with the question as docstring) at the start
+    of each python target. Rollouts get that header in their prompt, so it is no part of either CoT span."""
+    from carft_mega.data.templates import build_target, python_header
+
+    mask = torch.zeros_like(ann["target_mask"])
+    for b, rec in enumerate(records):
+        header, target = run.tokenizer.encode(python_header(rec.question)), run.tokenizer.encode(build_target(rec))
+        n = 0  # header tokens as they appear in the tokenised target (they may merge at the boundary)
+        while n < min(len(header), len(target)) and header[n] == target[n]:
+            n += 1
+        start = int(ann["prompt_lens"][b])
+        mask[b, start:start + n] = True
+    return mask
 
 
 @dataclass
@@ -372,10 +390,15 @@ def throughput(run, policy, roll, ann, timer) -> dict[str, float]:
 # The stage
 
 
-def _frozen_reference(run: Run, init: CheckpointRef | None):
-    from carft_mega.models.build import load_policy_checkpoint
+def _frozen_reference(run: Run, init: CheckpointRef | None, policy):
+    """The KL reference: the SFT checkpoint, or (no SFT) a copy of the initial policy."""
+    from carft_mega.models.build import build_model_skeleton, load_policy_checkpoint
 
-    ref = load_policy_checkpoint(init.path, run.cfg.model) if init is not None else build_initial_policy(run)
+    if init is not None:
+        ref = load_policy_checkpoint(init.path, run.cfg.model)
+    else:
+        ref = build_model_skeleton(policy.arch, run.cfg.model, policy.padded_vocab_size)
+        ref.load_state_dict(policy.state_dict())
     ref = ref.to(run.device)
     ref.requires_grad_(False)
     return ref.eval()
@@ -390,7 +413,7 @@ def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None
     total = rl_total_steps(cfg, len(run.train))
     policy = load_policy_checkpoint(init.path, cfg.model).to(run.device) if init is not None \
         else build_initial_policy(run)
-    ref_model = _frozen_reference(run, init)
+    ref_model = _frozen_reference(run, init, policy)
     U = cfg.ppo.ppo_epochs  # one optimizer step per PPO epoch
     engine = build_engine(policy, cfg.optim, peak_lr=cfg.ppo.lr, schedule=cfg.ppo.schedule,
                           warmup_ratio=cfg.ppo.warmup_ratio, total_steps=total * U,

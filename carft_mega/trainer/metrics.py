@@ -77,6 +77,13 @@ class MetricsLogger:
                     break  # a line cut by a crash: drop it and everything after
         return rows
 
+    def reset(self) -> None:
+        """A fresh run in an existing directory: forget earlier metrics."""
+        if not self.enabled:
+            return
+        self.history = []
+        open(self._jsonl_path, "w").close()
+
     def truncate_after(self, stage: str, step: int) -> None:
         """On resume, drop logged rows of ``stage`` past ``step`` (they will be logged again)."""
         if not self.enabled:

@@ -218,6 +218,8 @@ def run_training(cfg: TrainerConfig) -> dict[str, Any]:
         if resume is not None:
             run.print(f"resuming from {resume.path} ({resume.stage} step {resume.step})")
             run.logger.truncate_after(resume.stage, resume.step)
+        else:
+            run.logger.reset()
         sft_ref = None
         if cfg.sft.enabled and (resume is None or resume.stage == "sft"):
             sft_ref = run_sft(run, resume)
