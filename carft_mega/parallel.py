@@ -89,6 +89,12 @@ def init_distributed(parallel_cfg: ParallelConfig, seed: int, timeout_minutes: i
         ensure_cpu_shim()
     backend = _resolve_backend(parallel_cfg.backend)
     timeout = datetime.timedelta(minutes=timeout_minutes)
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    tp = parallel_cfg.tp
+    if tp < 1 or world % tp:
+        raise ValueError(f"config field 'parallel.tp' = {tp}: the world size {world} is not a multiple of it")
+    if parallel_cfg.sequence_parallel and tp == 1:
+        raise ValueError("config field 'parallel.sequence_parallel' = True: needs parallel.tp > 1")
 
     owns = _CREATED_PG and dist.is_initialized()
     if not dist.is_initialized():
@@ -103,11 +109,6 @@ def init_distributed(parallel_cfg: ParallelConfig, seed: int, timeout_minutes: i
                                     timeout=timeout)
         owns = _CREATED_PG = True
     world = dist.get_world_size()
-    tp = parallel_cfg.tp
-    if world % tp:
-        raise ValueError(f"config field 'parallel.tp' = {tp}: the world size {world} is not a multiple of it")
-    if parallel_cfg.sequence_parallel and tp == 1:
-        raise ValueError("config field 'parallel.sequence_parallel' = True: needs parallel.tp > 1")
 
     from megatron.core import parallel_state
 

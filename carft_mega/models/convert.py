@@ -283,12 +283,14 @@ class HFSource:
     """
 
     def __init__(self, config, get: Callable[[str], torch.Tensor], names: set[str], path: str | None,
-                 gguf_file: str | None = None):
+                 gguf_file: str | None = None, model=None):
         self.config = config
         self._get = get
         self.names = names
         self.path = path
         self.gguf_file = gguf_file
+        self.model = model
+        """The loaded HF model when the source is one (GGUF files, :meth:`from_model`), else None."""
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.names:
@@ -298,7 +300,7 @@ class HFSource:
     @classmethod
     def from_model(cls, model, path: str | None = None) -> "HFSource":
         sd = model.state_dict()
-        return cls(model.config, sd.__getitem__, set(sd), path)
+        return cls(model.config, sd.__getitem__, set(sd), path, model=model)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "HFSource":
@@ -352,23 +354,48 @@ def load_hf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
 
 def load_tokenizer(src: str | os.PathLike):
-    """The tokenizer of an HF/tokenizer directory or a GGUF file, or None when there is none."""
-    from transformers import AutoTokenizer
+    """The tokenizer of an HF/tokenizer directory or a GGUF file, or None when there is none.
+
+    A directory with ``tokenizer.json`` is loaded exactly as that file describes it
+    (``PreTrainedTokenizerFast``): transformers 5's ``AutoTokenizer`` would pick the class from
+    ``config.json``'s model type and may rebuild the pipeline differently.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     src = os.fspath(src)
-    if not src.endswith(".gguf") and not any(
-            os.path.exists(os.path.join(src, f)) for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None
     try:
         if src.endswith(".gguf"):
             return AutoTokenizer.from_pretrained(os.path.dirname(src) or ".", gguf_file=os.path.basename(src))
-        return AutoTokenizer.from_pretrained(src)
+        if os.path.isfile(os.path.join(src, "tokenizer.json")):
+            return PreTrainedTokenizerFast.from_pretrained(src)
+        if any(os.path.isfile(os.path.join(src, f)) for f in ("tokenizer.model", "vocab.json")):
+            return AutoTokenizer.from_pretrained(src)
     except (OSError, ValueError, TypeError):
         return None
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+"""Files that make up an HF tokenizer (copied verbatim between directories)."""
 
 
 def save_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike) -> str | None:
-    """Write the tokenizer of an HF directory or GGUF file into ``out_dir`` (None if it has none)."""
+    """Put the tokenizer of an HF directory or GGUF file into ``out_dir`` (None if it has none).
+
+    A directory's tokenizer files are copied verbatim (loading and re-saving could change them,
+    e.g. transformers picks the tokenizer class from ``config.json``); a GGUF's embedded
+    tokenizer is loaded through transformers and saved.
+    """
+    src = os.fspath(src)
+    if not src.endswith(".gguf"):
+        files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
+        if not any(f in files for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            return None
+        os.makedirs(out_dir, exist_ok=True)
+        for f in files:
+            shutil.copy2(os.path.join(src, f), os.path.join(out_dir, f))
+        return os.fspath(out_dir)
     tok = load_tokenizer(src)
     if tok is None:
         return None
@@ -526,12 +553,9 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, hf_sd: dict[str, torch.Tensor
     if v_head is not None:
         save_file(v_head_to_hf(v_head), os.path.join(out_dir, V_HEAD_FILE), metadata={"format": "pt"})
     if tokenizer_dir:
-        for f in os.listdir(tokenizer_dir):
-            full = os.path.join(tokenizer_dir, f)
-            if os.path.isfile(full) and (f.startswith("tokenizer") or f in (
-                    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                    "added_tokens.json", "generation_config.json")):
-                shutil.copy2(full, os.path.join(out_dir, f))
+        for f in TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(tokenizer_dir, f)):
+                shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(out_dir, f))
 
 
 def read_v_head(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:

@@ -43,7 +43,10 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         local_idx = target - vocab_start
         owned = (local_idx >= 0) & (local_idx < n_valid)
         safe_idx = torch.where(owned, local_idx, torch.zeros_like(local_idx))
-        t_shift = torch.where(owned, shifted.gather(1, safe_idx[:, None]).squeeze(1), torch.zeros_like(m))
+        if n_valid > 0:
+            t_shift = torch.where(owned, shifted.gather(1, safe_idx[:, None]).squeeze(1), torch.zeros_like(m))
+        else:  # this rank's slice is all vocabulary padding
+            t_shift = torch.zeros_like(m)
         stats = [e.sum(dim=-1), t_shift]
         if need_entropy:
             stats.append((e * shifted).sum(dim=-1))

@@ -14,6 +14,10 @@ a GPU box without Apex/TE hits them too):
    copies into fp32 main params that require grad outside ``no_grad`` (autograd error). The
    replacement installed here skips absent keys and copies under ``no_grad``; ``step`` is
    restored by Megatron itself from the param groups.
+3. ``DistributedOptimizer.load_state_dict`` then gives every parameter the *same* ``step``
+   tensor; torch Adam increments it in place once per parameter, so after a reload the bias
+   correction runs ahead by the number of parameters per step. :func:`finish_optimizer_load`
+   gives each parameter its own copy.
 
 Use ``OPTIMIZER_SHARDING_METADATA`` (``fully_reshardable``) for every optimizer
 ``sharded_state_dict`` call: the default format raises "ShardedTensor.flattened_range is not
@@ -83,3 +87,18 @@ def prepare_optimizer_for_load(optimizer) -> None:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+def finish_optimizer_load(optimizer) -> None:
+    """Call after ``optimizer.load_state_dict(...)``: un-share the torch-Adam ``step`` tensors (bug 3)."""
+    for opt in _leaf_optimizers(optimizer):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Optimizer):
+            continue
+        seen: set[int] = set()
+        for state in inner.state.values():
+            step = state.get("step")
+            if torch.is_tensor(step):
+                if id(step) in seen:
+                    state["step"] = step.clone()
+                seen.add(id(step))

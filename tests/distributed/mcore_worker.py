@@ -99,7 +99,7 @@ def tp2_vocab_parallel() -> None:
     from carft_mega.models.logprobs import full_vocab_logprobs_ref, vocab_parallel_logprobs
 
     g = torch.Generator().manual_seed(4)
-    for (N, vocab, padded) in [(37, 1000, 1024), (5, 129, 256), (1, 250, 256)]:
+    for (N, vocab, padded) in [(37, 1000, 1024), (5, 129, 256), (1, 250, 256), (3, 100, 256)]:
         logits = torch.randn(N, padded, generator=g) * 3
         logits[:, vocab:] = 50.0  # padding columns would dominate if they were not excluded
         target = torch.randint(0, vocab, (N,), generator=g)
@@ -152,7 +152,8 @@ def tp2_checkpoints(workdir: str) -> None:
     from megatron.core import dist_checkpointing
 
     from carft_mega.models.build import save_policy_checkpoint
-    from carft_mega.models.megatron_compat import OPTIMIZER_SHARDING_METADATA, prepare_optimizer_for_load
+    from carft_mega.models.megatron_compat import (OPTIMIZER_SHARDING_METADATA, finish_optimizer_load,
+                                                   prepare_optimizer_for_load)
     from tests.models.mcore_helpers import policy_inputs, random_head_, tiny_arch, wrap_ddp
 
     arch = tiny_arch("qwen2", tied=False)
@@ -186,6 +187,7 @@ def tp2_checkpoints(workdir: str) -> None:
         msd2, is_loading=True, metadata=OPTIMIZER_SHARDING_METADATA)}, path)
     pol2.load_state_dict(loaded["model"])
     opt2.load_state_dict(loaded["optimizer"])
+    finish_optimizer_load(opt2)
     same = all(torch.equal(a, b) for a, b in zip(pol.state_dict().values(), pol2.state_dict().values())
                if torch.is_tensor(a))
     check("tp2_model_opt_reload_model_bitexact", same)
@@ -195,6 +197,12 @@ def tp2_checkpoints(workdir: str) -> None:
                                       for a, b in zip(s1, s2))
     check("tp2_model_opt_reload_optimizer_state_bitexact", same,
           f"step={s2[0]['step'].item() if s2 else None}, {len(s1)} tensors")
+    # The next update after the reload is the update without it (catches a shared Adam step).
+    for p_, d_, o_ in ((pol, ddp, opt), (pol2, ddp2, opt2)):
+        forward_backward(p_, d_, tokens, mask, spans, weights)
+        o_.step()
+    check("tp2_step_after_reload_bitexact",
+          all(torch.equal(a, b) for a, b in zip(pol.parameters(), pol2.parameters())))
 
 
 def tp2_tools(workdir: str) -> None:
@@ -276,7 +284,8 @@ def dp2_distopt_checkpoint(workdir: str) -> None:
     """DistributedOptimizer at DP=2 (state sharded over DP): step, save, reload bit-exact incl. step."""
     from megatron.core import dist_checkpointing
 
-    from carft_mega.models.megatron_compat import OPTIMIZER_SHARDING_METADATA, prepare_optimizer_for_load
+    from carft_mega.models.megatron_compat import (OPTIMIZER_SHARDING_METADATA, finish_optimizer_load,
+                                                   prepare_optimizer_for_load)
     from tests.models.mcore_helpers import forward_backward, policy_inputs, tiny_arch, wrap_ddp
 
     arch = tiny_arch("qwen2", tied=True)
@@ -298,19 +307,25 @@ def dp2_distopt_checkpoint(workdir: str) -> None:
     dist_checkpointing.save({"model": msd, "optimizer": opt.sharded_state_dict(
         msd, metadata=OPTIMIZER_SHARDING_METADATA)}, path)
     _, pol2 = build(arch, seed=98)
-    _, opt2 = wrap_ddp(pol2, distributed_optimizer=True)
+    ddp2, opt2 = wrap_ddp(pol2, distributed_optimizer=True)
     prepare_optimizer_for_load(opt2)
     msd2 = pol2.sharded_state_dict()
     loaded = dist_checkpointing.load({"model": msd2, "optimizer": opt2.sharded_state_dict(
         msd2, is_loading=True, metadata=OPTIMIZER_SHARDING_METADATA)}, path)
     pol2.load_state_dict(loaded["model"])
     opt2.load_state_dict(loaded["optimizer"])
+    finish_optimizer_load(opt2)
     check("dp2_reload_model_bitexact", all(torch.equal(a, b) for a, b in zip(pol.parameters(), pol2.parameters())))
     s1 = [st for o in opt.chained_optimizers for st in o.optimizer.state.values()]
     s2 = [st for o in opt2.chained_optimizers for st in o.optimizer.state.values()]
     check("dp2_reload_optimizer_bitexact",
           len(s1) == len(s2) and all(all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(s1, s2)),
           f"step={s2[0]['step'].item() if s2 else None}")
+    for p_, d_, o_ in ((pol, ddp, opt), (pol2, ddp2, opt2)):
+        forward_backward(p_, d_, tokens, mask, spans, weights)
+        o_.step()
+    check("dp2_step_after_reload_bitexact",
+          all(torch.equal(a, b) for a, b in zip(pol.parameters(), pol2.parameters())))
 
 
 def run_dp2(workdir: str) -> None:

@@ -33,13 +33,15 @@ TP2_CHECKS = [
     "tp2_logits_llama_untied_mha", "tp2_roundtrip_qwen2_tied_gqa", "tp2_logits_qwen2_tied_gqa",
     "tp2_roundtrip_qwen2_untied_gqa", "tp2_logits_qwen2_untied_gqa", "tp2_head_grads_identical_across_tp",
     "tp2_norm_grads_identical_across_tp", "tp2_vocab_parallel_logprobs_N37_V1000",
-    "tp2_vocab_parallel_logprobs_N5_V129", "tp2_vocab_parallel_logprobs_N1_V250", "tp2_kv_cache_decode",
+    "tp2_vocab_parallel_logprobs_N5_V129", "tp2_vocab_parallel_logprobs_N1_V250",
+    "tp2_vocab_parallel_logprobs_N3_V100", "tp2_kv_cache_decode",
     "tp2_model_checkpoint_saved", "tp2_distopt_step", "tp2_model_opt_reload_model_bitexact",
-    "tp2_model_opt_reload_optimizer_state_bitexact", "tp2_compare_logits", "tp2_export_written",
+    "tp2_model_opt_reload_optimizer_state_bitexact",
+    "tp2_step_after_reload_bitexact", "tp2_compare_logits", "tp2_export_written",
     "tp2sp_head_grads_identical_across_tp", "tp2sp_norm_grads_identical_across_tp",
 ]
 DP2_CHECKS = ["dp2_layout", "dp2_grads_identical_across_dp", "dp2_params_identical_after_steps",
-              "dp2_reload_model_bitexact", "dp2_reload_optimizer_bitexact"]
+              "dp2_reload_model_bitexact", "dp2_reload_optimizer_bitexact", "dp2_step_after_reload_bitexact"]
 
 
 def launch(mode: str, workdir: str) -> str:

@@ -1,0 +1,59 @@
+"""Vocab-parallel log-probs / entropy (one shard here; the 2-rank split runs in
+tests/distributed) against a full-vocabulary ``log_softmax`` reference, forward and backward."""
+
+import pytest
+import torch
+
+from carft_mega.models.logprobs import full_vocab_logprobs_ref, vocab_parallel_logprobs
+from tests.utils import assert_close_to_ref
+
+
+@pytest.mark.parametrize("B,T,V,vocab", [(2, 128, 32000, 32000), (3, 17, 151936, 151646), (1, 1, 50257, 50257),
+                                         (4, 5, 256, 203)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_full_vocab_log_softmax(B, T, V, vocab, dtype):
+    g = torch.Generator().manual_seed(B * T + V)
+    logits = (torch.randn(B, T, V, generator=g) * 4).to(dtype)
+    logits[..., vocab:] = 30.0  # padding columns: must carry no probability
+    target = torch.randint(0, vocab, (B, T), generator=g)
+    w_lp, w_ent = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
+
+    x = logits.clone().requires_grad_(True)
+    lp, ent = vocab_parallel_logprobs(x, target, tp_group=None, vocab_start=0, vocab_size=vocab, need_entropy=True)
+    (gx,) = torch.autograd.grad((lp * w_lp).sum() + (ent * w_ent).sum(), x)
+
+    xr = logits.float().clone().requires_grad_(True)  # reference in fp32 on the same values
+    lp_r, ent_r = full_vocab_logprobs_ref(xr, target, vocab, need_entropy=True)
+    (gr,) = torch.autograd.grad((lp_r * w_lp).sum() + (ent_r * w_ent).sum(), xr)
+
+    assert lp.dtype == torch.float32 and ent.dtype == torch.float32 and gx.dtype == dtype
+    assert_close_to_ref(lp, lp_r, lp_r, atol=1e-4, name="logp")
+    assert_close_to_ref(ent, ent_r, ent_r, atol=1e-4, name="entropy")
+    gpt = gr.to(dtype)  # what a same-dtype PyTorch computation can at best return
+    assert_close_to_ref(gx, gpt, gr, name="dlogits")
+    assert not gx[..., vocab:].any()
+
+
+def test_entropy_optional_and_logp_only_gradient():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 50, generator=g, requires_grad=True)
+    target = torch.randint(0, 50, (3, 7), generator=g)
+    lp, ent = vocab_parallel_logprobs(logits, target, tp_group=None, vocab_start=0, vocab_size=50)
+    assert ent is None
+    (gx,) = torch.autograd.grad(lp.sum(), logits)
+    expect = torch.nn.functional.one_hot(target, 50).float() - torch.softmax(logits.detach(), -1)
+    torch.testing.assert_close(gx, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_shard_without_real_columns_and_bad_shapes():
+    """A rank whose whole slice is padding contributes nothing (single-rank view: all zero grads)."""
+    logits = torch.randn(4, 8, requires_grad=True)
+    lp, ent = vocab_parallel_logprobs(logits, torch.zeros(4, dtype=torch.long), tp_group=None, vocab_start=16,
+                                      vocab_size=10, need_entropy=True)
+    # Alone, such a rank sees an empty distribution; what matters is that it neither crashes nor
+    # sends gradient into padding (the 2-rank case with an all-padding rank runs in tests/distributed).
+    (gx,) = torch.autograd.grad(torch.where(torch.isfinite(lp), lp, 0).sum(), logits)
+    assert not gx.any()
+    with pytest.raises(ValueError, match="disagree"):
+        vocab_parallel_logprobs(torch.randn(2, 3, 8), torch.zeros(3, 2, dtype=torch.long), tp_group=None,
+                                vocab_start=0, vocab_size=8)
