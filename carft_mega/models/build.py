@@ -95,6 +95,9 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: ParallelConfig | None = N
     if parallel_cfg is not None and parallel_cfg.tp != parallel.tp_size():
         raise ValueError(f"config field 'parallel.tp' = {parallel_cfg.tp}: the parallel state was "
                          f"initialised with tp={parallel.tp_size()}")
+    if parallel_cfg is not None and parallel_cfg.sequence_parallel != parallel.sequence_parallel():
+        raise ValueError(f"config field 'parallel.sequence_parallel' = {parallel_cfg.sequence_parallel}: the "
+                         f"parallel state was initialised with sequence_parallel={parallel.sequence_parallel()}")
     if model_cfg.source == "tiny":
         if vocab_size is None:
             raise ValueError("build_policy(source='tiny') needs vocab_size (the tokenizer's size)")

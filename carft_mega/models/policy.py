@@ -310,6 +310,12 @@ class PolicyModel(torch.nn.Module):
             attention_mask = attention_mask.bool()
             if position_ids is None:
                 position_ids = left_pad_position_ids(attention_mask)
+        if self.config.transformer_impl == "transformer_engine":
+            # TE's 'padding_causal' kernels take the key-padding mask [B, 1, 1, S] (True = padding)
+            # and apply causality themselves (untested here: no TE on the CPU machines).
+            key = attention_mask if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
+            mask4d = ~key[:, None, None, :]
+        elif attention_mask is not None:
             mask4d = build_attention_mask(attention_mask, sliding_window=self.arch.sliding_window)
         elif self.arch.sliding_window is not None and S > self.arch.sliding_window:
             mask4d = build_attention_mask(torch.ones_like(tokens, dtype=torch.bool),
@@ -340,10 +346,8 @@ class PolicyModel(torch.nn.Module):
                                               vocab_start=vocab_start, vocab_size=self.vocab_size,
                                               need_entropy=need_entropy)
             if need_logp:
-                logp = megatron_to_batch_major(lp)[:, :T]
-                last = torch.ones_like(logp)
-                last[:, T - 1] = 0
-                logp = logp * last  # state-aligned: nothing follows position T-1
+                # State-aligned: nothing follows position T-1, its log-prob is 0.
+                logp = torch.nn.functional.pad(megatron_to_batch_major(lp)[:, :T - 1], (0, 1))
             if need_entropy:
                 entropy = megatron_to_batch_major(ent)[:, :T]
         if span_masks is None:

@@ -27,7 +27,7 @@ def cot_head_loop_ref(h, W_p, b_p, w_v, b_v, span_masks):
     V = torch.relu(e) @ w_v.float() + b_v.float()  # (N, T)
     K, N, T = span_masks.shape
     d = W_p.shape[0]
-    valid = torch.zeros(K, N, dtype=torch.bool)
+    valid = torch.zeros(K, N, dtype=torch.bool, device=h.device)
     zs = []
     for k in range(K):
         rows = []
@@ -134,17 +134,18 @@ def hf_reference(model, head_sd, tokens, attention_mask=None, span_masks=None):
         dict of ``logp [B, T]`` (0 at T-1), ``values``, ``z``, ``valid``, ``entropy``, ``logits``.
     """
     B, T = tokens.shape
+    dev = tokens.device
     if attention_mask is None:
-        attention_mask = torch.ones(B, T, dtype=torch.bool)
+        attention_mask = torch.ones(B, T, dtype=torch.bool, device=dev)
     pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=tokens, attention_mask=attention_mask.long(), position_ids=pos, output_hidden_states=True)
     logits = out.logits.float()
     h = out.hidden_states[-1]
     lp = torch.log_softmax(logits, -1)
-    logp = torch.zeros(B, T)
+    logp = torch.zeros(B, T, device=dev)
     logp[:, :-1] = lp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
     entropy = -(lp.exp() * lp).sum(-1)
-    masks = span_masks if span_masks is not None else torch.zeros(0, B, T, dtype=torch.bool)
+    masks = span_masks if span_masks is not None else torch.zeros(0, B, T, dtype=torch.bool, device=dev)
     V, z, valid = cot_head_loop_ref(h, head_sd["proj.weight"], head_sd["proj.bias"],
                                     head_sd["summary.weight"].reshape(-1), head_sd["summary.bias"].reshape(()), masks)
     return {"logp": logp, "values": V, "z": z, "valid": valid, "entropy": entropy, "logits": logits}

@@ -178,3 +178,18 @@ def test_build_policy_from_hf_dir_loads_v_head(tp1, tmp_path):
         build_policy(model_cfg(source="hf", path=str(tmp_path)), vocab_size=arch.vocab_size + 1)
     with pytest.raises(FileNotFoundError, match="not a directory or a .gguf file"):
         build_policy(model_cfg(source="hf", path=str(tmp_path / "nope")))
+
+
+def test_full_recompute_gives_the_same_gradients(tp1):
+    """model.recompute_activations=True (Megatron full recompute, CPU RNG tracker) changes nothing."""
+    arch = tiny_arch("llama", tied=False)
+    hf = tiny_hf_model(arch, seed=12)
+    tokens, mask, spans, weights = policy_inputs(seed=9)
+    grads = []
+    for recompute in (False, True):
+        pol = policy_from_hf_source(convert.HFSource.from_model(hf), model_cfg(recompute_activations=recompute))
+        assert (pol.config.recompute_granularity == "full") == recompute
+        policy_loss(pol(tokens, attention_mask=mask, span_masks=spans, need_entropy=True), weights, mask).backward()
+        grads.append({k: p.grad.clone() for k, p in pol.named_parameters()})
+    for k in grads[0]:
+        assert_fp32_close(f"recompute grad {k}", grads[1][k], grads[0][k])
