@@ -666,7 +666,7 @@ def compare_logits(hf_path: str | os.PathLike, ckpt_dir: str | os.PathLike | Non
     """
     from carft_mega.config import ModelConfig
     from carft_mega.models.build import load_policy_checkpoint
-    from carft_mega.models.policy import build_attention_mask, left_pad_position_ids
+    from carft_mega.models.policy import build_attention_mask, left_pad_position_ids, megatron_to_batch_major
 
     if policy is None:
         policy = load_policy_checkpoint(ckpt_dir, ModelConfig(source="mcore", path=os.fspath(ckpt_dir),
@@ -681,7 +681,7 @@ def compare_logits(hf_path: str | os.PathLike, ckpt_dir: str | os.PathLike | Non
     pos = left_pad_position_ids(mask)
     hidden = policy.trunk(tokens.to(device), position_ids=pos.to(device),
                           attention_mask=build_attention_mask(mask.to(device), sliding_window=policy.arch.sliding_window))
-    meg = policy.lm_logits(hidden, gather=True).transpose(0, 1)[..., :V].float().cpu()  # (B, T, V)
+    meg = megatron_to_batch_major(policy.lm_logits(hidden, gather=True))[..., :V].float().cpu()  # (B, T, V)
     ref = hf_model(input_ids=tokens, attention_mask=mask.long(), position_ids=pos).logits[..., :V].float()
     lp_m, lp_h = torch.log_softmax(meg, -1), torch.log_softmax(ref, -1)
     real = mask.clone()

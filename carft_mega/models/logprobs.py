@@ -25,32 +25,45 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
+_CHUNK_ELEMENTS = 1 << 25
+"""fp32 elements of one row chunk (128 MiB): bounds the temporaries at large ``N x V_local``."""
+
+
+def _row_chunks(n_rows: int, n_cols: int):
+    step = max(1, _CHUNK_ELEMENTS // max(1, n_cols))
+    return [slice(i, min(i + step, n_rows)) for i in range(0, n_rows, step)]
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
-    """Token log-probs (and entropy) from vocab-sharded logits; see module docstring."""
+    """Token log-probs (and entropy) from vocab-sharded logits; see module docstring.
+
+    Two all-reduces per call whatever the size (MAX of the row maxima, then SUM of the stacked
+    statistics); rows are processed in chunks so fp32 temporaries stay bounded.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, tp_group, vocab_start, n_valid, need_entropy):
         # logits: (N, V_local); target: (N,) global ids.
-        lv = logits[:, :n_valid].float()  # (N, n_valid)
-        n = lv.shape[0]
+        n = logits.shape[0]
+        chunks = _row_chunks(n, n_valid)
+        m = torch.full((n,), float("-inf"), dtype=torch.float32, device=logits.device)
         if n_valid > 0:
-            m = lv.max(dim=-1).values
-        else:
-            m = torch.full((n,), float("-inf"), device=logits.device)
+            for c in chunks:
+                m[c] = logits[c, :n_valid].float().amax(dim=-1)
         _all_reduce(m, dist.ReduceOp.MAX, tp_group)
-        shifted = lv - m[:, None]
-        e = torch.exp(shifted)
         local_idx = target - vocab_start
         owned = (local_idx >= 0) & (local_idx < n_valid)
         safe_idx = torch.where(owned, local_idx, torch.zeros_like(local_idx))
+        stats = torch.zeros(3 if need_entropy else 2, n, dtype=torch.float32, device=logits.device)
         if n_valid > 0:
-            t_shift = torch.where(owned, shifted.gather(1, safe_idx[:, None]).squeeze(1), torch.zeros_like(m))
-        else:  # this rank's slice is all vocabulary padding
-            t_shift = torch.zeros_like(m)
-        stats = [e.sum(dim=-1), t_shift]
-        if need_entropy:
-            stats.append((e * shifted).sum(dim=-1))
-        stats = _all_reduce(torch.stack(stats), dist.ReduceOp.SUM, tp_group)
+            for c in chunks:
+                shifted = logits[c, :n_valid].float() - m[c, None]  # (rows, n_valid)
+                e = torch.exp(shifted)
+                stats[0, c] = e.sum(dim=-1)
+                stats[1, c] = torch.where(owned[c], shifted.gather(1, safe_idx[c, None]).squeeze(1), 0.0)
+                if need_entropy:
+                    stats[2, c] = (e * shifted).sum(dim=-1)
+        _all_reduce(stats, dist.ReduceOp.SUM, tp_group)
         log_s = torch.log(stats[0])
         logp = stats[1] - log_s
         lse = m + log_s
@@ -59,30 +72,29 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             entropy = log_s - mean_shift
             mean_l = m + mean_shift
         else:
-            entropy = None
+            entropy = torch.zeros_like(logp)
             mean_l = torch.zeros_like(m)
         ctx.save_for_backward(logits, safe_idx, owned, lse, mean_l)
         ctx.n_valid = n_valid
         ctx.need_entropy = need_entropy
-        if entropy is None:
-            return logp, torch.zeros_like(logp)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         logits, safe_idx, owned, lse, mean_l = ctx.saved_tensors
         n_valid = ctx.n_valid
-        grad = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        grad = torch.zeros_like(logits)
         if n_valid > 0:
-            lv = logits[:, :n_valid].float()
-            # Recompute p instead of saving an (N, V_local) fp32 tensor in forward.
-            p = torch.exp(lv - lse[:, None])
-            g = -g_logp[:, None] * p
-            if ctx.need_entropy:
-                g = g + g_ent[:, None] * p * (mean_l[:, None] - lv)
-            g.scatter_add_(1, safe_idx[:, None], (g_logp * owned)[:, None])
-            grad[:, :n_valid] = g
-        return grad.to(logits.dtype), None, None, None, None, None
+            for c in _row_chunks(logits.shape[0], n_valid):
+                lv = logits[c, :n_valid].float()
+                # Recompute p instead of saving an (N, V_local) fp32 tensor in forward.
+                p = torch.exp(lv - lse[c, None])
+                g = -g_logp[c, None] * p
+                if ctx.need_entropy:
+                    g += g_ent[c, None] * p * (mean_l[c, None] - lv)
+                g.scatter_add_(1, safe_idx[c, None], (g_logp[c] * owned[c])[:, None])
+                grad[c, :n_valid] = g.to(grad.dtype)
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(

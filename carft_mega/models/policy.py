@@ -342,6 +342,7 @@ class PolicyModel(torch.nn.Module):
             vocab_start = dist.get_rank(self.tp_group) * v_local if tp > 1 else 0
             targets = torch.roll(tokens, shifts=-1, dims=1)
             targets[:, -1] = 0  # (B, S): next token; the last one is a dummy, zeroed below
+            # Targets go to the logits' [S, B] layout (not the logits to [B, S]: that would copy them).
             lp, ent = vocab_parallel_logprobs(logits, targets.t(), tp_group=self.tp_group,
                                               vocab_start=vocab_start, vocab_size=self.vocab_size,
                                               need_entropy=need_entropy)

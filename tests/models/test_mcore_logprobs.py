@@ -57,3 +57,22 @@ def test_shard_without_real_columns_and_bad_shapes():
     with pytest.raises(ValueError, match="disagree"):
         vocab_parallel_logprobs(torch.randn(2, 3, 8), torch.zeros(3, 2, dtype=torch.long), tp_group=None,
                                 vocab_start=0, vocab_size=8)
+
+
+def test_row_chunking_gives_the_same_result(monkeypatch):
+    """Tiny chunks (one or a few rows at a time) must not change values or gradients."""
+    import carft_mega.models.logprobs as lp_mod
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(37, 203, generator=g)
+    t = torch.randint(0, 190, (37,), generator=g)
+    outs = []
+    for elements in (1 << 25, 400, 100):
+        monkeypatch.setattr(lp_mod, "_CHUNK_ELEMENTS", elements)
+        xi = x.clone().requires_grad_(True)
+        lp, ent = vocab_parallel_logprobs(xi, t, tp_group=None, vocab_start=0, vocab_size=190, need_entropy=True)
+        (gx,) = torch.autograd.grad(lp.sum() + 2 * ent.sum(), xi)
+        outs.append((lp, ent, gx))
+    assert len(lp_mod._row_chunks(37, 190)) == 37
+    for lp, ent, gx in outs[1:]:
+        assert torch.equal(lp, outs[0][0]) and torch.equal(ent, outs[0][1]) and torch.equal(gx, outs[0][2])
