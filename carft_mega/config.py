@@ -520,8 +520,8 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def _coerce(value: str, tp: Any, name: str) -> Any:
     """Parse an override string with YAML rules, then fit it to the field's type."""
     parsed = yaml.safe_load(value) if value != "" else None
-    if isinstance(parsed, str) and parsed.lower() in ("none", "null"):
-        parsed = None
+    if isinstance(parsed, str) and parsed.lower() in ("none", "null") and not _matches(parsed, tp):
+        parsed = None  # "none" is a value of Literal fields such as contrastive.signal; else null
     origin = typing.get_origin(tp)
     args = typing.get_args(tp) if origin in (typing.Union, types.UnionType) else (tp,)
     parsed = _fit(parsed, tp)

@@ -143,23 +143,6 @@ def set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """Give every parameter its own Adam ``step`` tensor after a load.
-
-    megatron-core 0.16.1 (DistributedOptimizer, torch-Adam path: no Apex/TE) restores ``step``
-    from the param group as *one* tensor shared by all parameters' states; torch Adam then
-    increments it in place once per parameter, so after one update it reads ``step + n_params``
-    and the bias correction is wrong. Found by the exact-resume test (tests/trainer/test_e2e.py).
-    """
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
-            continue
-        for state in inner.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
 def save_engine(engine: Engine, ckpt_dir: str, tokenizer_dir: str | None = None) -> None:
     """Model + optimizer (dist_checkpointing, reshardable over TP and DP), arch JSON and RNG.
 
@@ -187,7 +170,8 @@ def load_engine(engine: Engine, ckpt_dir: str, restore_rng: bool = True) -> None
     """Load model + optimizer written by ``save_engine`` (any TP/DP) and this rank's RNG state."""
     from megatron.core import dist_checkpointing
 
-    from carft_mega.models.megatron_compat import OPTIMIZER_SHARDING_METADATA, prepare_optimizer_for_load
+    from carft_mega.models.megatron_compat import (OPTIMIZER_SHARDING_METADATA, finish_optimizer_load,
+                                                   prepare_optimizer_for_load)
 
     prepare_optimizer_for_load(engine.optimizer)
     msd = engine.policy.sharded_state_dict()
@@ -198,7 +182,7 @@ def load_engine(engine: Engine, ckpt_dir: str, restore_rng: bool = True) -> None
         ckpt_dir)
     engine.policy.load_state_dict(loaded["model"])
     engine.optimizer.load_state_dict(loaded["optimizer"])
-    _unshare_adam_steps(engine.optimizer)
+    finish_optimizer_load(engine.optimizer)  # megatron-core 0.16.1 shares one Adam `step` tensor
     rng_file = os.path.join(ckpt_dir, "rng", f"rank{dist.get_rank():05d}.pt")
     if restore_rng and os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
