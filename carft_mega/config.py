@@ -61,6 +61,9 @@ class ModelConfig:
     """Dimensions of the tiny model (source=tiny)."""
     cot_proj_dim: int = 64
     """d_proj of the CoT head: e_t = W_p h_t + b_p (authors' ValueHeadV2)."""
+    head_trunk_grad_scale: float = 1.0
+    """Factor on the gradient the CoT/value head (value and contrastive losses) sends into the trunk:
+    1 = the authors' shared trunk; smaller protects a small policy from its random-init critic."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """Compute dtype; auto = bf16 on GPU, fp32 on CPU."""
     fp8: bool = False
@@ -123,6 +126,8 @@ class DataConfig:
     """Most arithmetic steps in a synthetic problem."""
     synthetic_max_value: int = 99
     """Largest number in a synthetic problem (the difficulty knob; >= 2)."""
+    synthetic_annotation_noise: float = 0.0
+    """Fraction of synthetic training annotations whose answer line is wrong (the gold stays right)."""
     seed: int = 0
     """Seed of the synthetic generator and of the shuffling."""
 
@@ -183,6 +188,9 @@ class PPOConfig:
     """GAE discount."""
     lam: float = 0.95
     """GAE lambda."""
+    critic_warmup_steps: int = 0
+    """Rollout steps at the start of RL that train only the value loss (verl's critic_warmup): the
+    CoT/value head starts random, and its per-token noise otherwise drives the first policy updates."""
     whiten_advantages: Literal["global", "local", "none"] = "global"
     """Advantage whitening over the global batch, the local batch, or not at all."""
     whiten_shift_mean: bool = False
@@ -394,6 +402,8 @@ def validate(cfg: TrainerConfig) -> None:
     if cfg.model.source in ("hf", "mcore") and not cfg.model.path:
         _fail("model.path", cfg.model.path, f"required when model.source={cfg.model.source!r}")
     _positive("model.cot_proj_dim", cfg.model.cot_proj_dim)
+    if not 0.0 <= cfg.model.head_trunk_grad_scale <= 1.0:
+        _fail("model.head_trunk_grad_scale", cfg.model.head_trunk_grad_scale, "must be in [0, 1]")
     _positive("parallel.tp", cfg.parallel.tp)
     if cfg.parallel.sequence_parallel and cfg.parallel.tp == 1:
         _fail("parallel.sequence_parallel", True, "needs parallel.tp > 1")
@@ -407,6 +417,8 @@ def validate(cfg: TrainerConfig) -> None:
     _positive("data.synthetic_train_size", d.synthetic_train_size)
     _positive("data.synthetic_test_size", d.synthetic_test_size)
     _positive("data.synthetic_min_steps", d.synthetic_min_steps)
+    if not 0.0 <= d.synthetic_annotation_noise <= 1.0:
+        _fail("data.synthetic_annotation_noise", d.synthetic_annotation_noise, "must be in [0, 1]")
     if d.synthetic_max_value < 2:
         _fail("data.synthetic_max_value", d.synthetic_max_value, "must be >= 2")
     if d.synthetic_max_steps < d.synthetic_min_steps:
@@ -431,6 +443,7 @@ def validate(cfg: TrainerConfig) -> None:
     _positive("ppo.vf_coef", p.vf_coef, allow_zero=True)
     _positive("ppo.kl_coef", p.kl_coef, allow_zero=True)
     _positive("ppo.max_nonfinite_steps", p.max_nonfinite_steps)
+    _positive("ppo.critic_warmup_steps", p.critic_warmup_steps, allow_zero=True)
     if not 0.0 <= p.gamma <= 1.0:
         _fail("ppo.gamma", p.gamma, "must be in [0, 1]")
     if not 0.0 <= p.lam <= 1.0:

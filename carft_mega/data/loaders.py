@@ -212,7 +212,8 @@ def _load_hub(name: str, split: str, style: str, require_cot: bool, limit: int |
 
 def load_dataset(name: str, split: str, style: str = "nl", *, path: str | None = None,
                  data_dir: str | None = None, skip_bad_rows: bool = False, limit: int | None = None,
-                 seed: int = 0, min_steps: int = 1, max_steps: int = 3, max_value: int = 99) -> list[Record]:
+                 seed: int = 0, min_steps: int = 1, max_steps: int = 3, max_value: int = 99,
+                 annotation_noise: float = 0.0) -> list[Record]:
     """Load a split as ``Record``s.
 
     Search order: ``path`` (an explicit file; missing -> error) -> ``data_dir`` -> ``$CARFT_DATA_DIR``
@@ -228,7 +229,8 @@ def load_dataset(name: str, split: str, style: str = "nl", *, path: str | None =
         skip_bad_rows: skip (count and log) malformed rows instead of raising ``DataError``.
         limit: keep the first ``limit`` records; for ``synthetic`` it is the number generated
             (default 2000 train / 200 test).
-        seed, min_steps, max_steps, max_value: synthetic task only (``synthetic.synthetic_split``).
+        seed, min_steps, max_steps, max_value, annotation_noise: synthetic task only
+            (``synthetic.synthetic_split``).
     """
     if name not in DATASETS:
         raise ValueError(f"dataset name must be one of {DATASETS}, got {name!r}")
@@ -243,7 +245,7 @@ def load_dataset(name: str, split: str, style: str = "nl", *, path: str | None =
             raise ValueError("the synthetic dataset is generated; it takes no path")
         n = SYNTHETIC_DEFAULT_SIZE[split] if limit is None else limit
         return synthetic_split(split, n, seed=seed, min_steps=min_steps, max_steps=max_steps, style=style,
-                               max_value=max_value)
+                               max_value=max_value, annotation_noise=annotation_noise)
 
     require_cot = split == "train"
     id_prefix = f"{name}_" if split == "test" else f"{name}_train_"
@@ -314,4 +316,5 @@ def load_from_config(data_cfg, split: str) -> list[Record]:
     return load_dataset(data_cfg.dataset, split, data_cfg.style, path=path,
                         data_dir=data_cfg.data_dir, skip_bad_rows=data_cfg.skip_bad_rows, limit=limit,
                         seed=data_cfg.seed, min_steps=data_cfg.synthetic_min_steps,
-                        max_steps=data_cfg.synthetic_max_steps, max_value=data_cfg.synthetic_max_value)
+                        max_steps=data_cfg.synthetic_max_steps, max_value=data_cfg.synthetic_max_value,
+                        annotation_noise=data_cfg.synthetic_annotation_noise)

@@ -27,6 +27,8 @@ class Record:
         answer_text: the gold value as a clean string (commas removed), e.g. ``"203.0"``. The nl
             target ends with it.
         style: ``"nl"`` or ``"python"``.
+        annotated_answer: the answer line the *annotation* gives, when it differs from the gold
+            (only the synthetic task's ``annotation_noise`` sets it); None = ``answer_text``.
     """
 
     id: str
@@ -35,6 +37,7 @@ class Record:
     answer: float
     answer_text: str
     style: Style
+    annotated_answer: str | None = None
 
 
 def parse_answer_value(raw: object) -> tuple[float, str]:

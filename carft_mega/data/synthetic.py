@@ -83,6 +83,7 @@ def make_synthetic(
     style: Style = "nl",
     split: str | None = None,
     max_value: int = MAX_VALUE,
+    annotation_noise: float = 0.0,
 ) -> list[Record]:
     """Generate ``n`` problems, deterministically from ``seed``.
 
@@ -96,6 +97,10 @@ def make_synthetic(
             None keeps all.
         max_value: every starting, intermediate and final value stays in 0..max_value (the
             difficulty knob: a tiny model learns max_value=20 in a few CPU minutes).
+        annotation_noise: fraction of nl records whose annotated answer line is wrong (it repeats
+            the starting amount, as if the steps were forgotten) while the CoT steps and the gold
+            ``answer`` stay right. SFT imitates the annotations; RL learns from the reward, which
+            checks the gold. This is the quick start's demonstration of what RL adds.
 
     Returns:
         ``n`` records with ids ``synthetic_<i>`` (``synthetic_<split>_<i>`` when split is given).
@@ -110,7 +115,10 @@ def make_synthetic(
         raise ValueError(f"split must be None, 'train' or 'test', got {split!r}")
     if max_value < 2:
         raise ValueError(f"max_value must be >= 2, got {max_value}")
+    if not 0.0 <= annotation_noise <= 1.0:
+        raise ValueError(f"annotation_noise must be in [0, 1], got {annotation_noise}")
     rng = random.Random(seed)
+    noise_rng = random.Random(seed + 7919)  # separate stream: noise 0 leaves the records unchanged
     prefix = "synthetic_" if split is None else f"synthetic_{split}_"
     out: list[Record] = []
     while len(out) < n:
@@ -121,15 +129,20 @@ def make_synthetic(
             cot = "\n".join(f"{x} {op} {k} = {y}" for x, op, k, y in steps)
         else:
             cot = _python_cot(question, obj, steps[0][0], steps)
+        annotated = None
+        if style == "nl" and annotation_noise and noise_rng.random() < annotation_noise and steps[0][0] != answer:
+            annotated = str(steps[0][0])
         out.append(Record(id=f"{prefix}{len(out)}", question=question, cot=cot, answer=float(answer),
-                          answer_text=str(answer), style=style))
+                          answer_text=str(answer), style=style, annotated_answer=annotated))
     return out
 
 
 def synthetic_split(split: str, n: int, seed: int = 0, min_steps: int = 1, max_steps: int = 3,
-                    style: Style = "nl", max_value: int = MAX_VALUE) -> list[Record]:
+                    style: Style = "nl", max_value: int = MAX_VALUE, annotation_noise: float = 0.0) -> list[Record]:
     """The train or test split of the synthetic task: disjoint seeds and disjoint questions."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     split_seed = 2 * seed + (1 if split == "test" else 0)
-    return make_synthetic(n, split_seed, min_steps, max_steps, style=style, split=split, max_value=max_value)
+    noise = annotation_noise if split == "train" else 0.0  # test records have no annotation to trust
+    return make_synthetic(n, split_seed, min_steps, max_steps, style=style, split=split, max_value=max_value,
+                          annotation_noise=noise)

@@ -37,7 +37,8 @@ def build_target(rec: Record) -> str:
     if rec.cot is None:
         raise ValueError(f"record {rec.id!r} has no CoT (a test-set record cannot be an SFT target)")
     if rec.style == "nl":
-        return rec.cot.strip() + ANSWER_TRIGGER + rec.answer_text
+        annotated = rec.annotated_answer if rec.annotated_answer is not None else rec.answer_text
+        return rec.cot.strip() + ANSWER_TRIGGER + annotated
     if rec.style == "python":
         return rec.cot.strip()
     raise ValueError(f"record {rec.id!r}: unknown style {rec.style!r}")

@@ -58,7 +58,7 @@ def build_model_skeleton(arch: ArchSpec, model_cfg: ModelConfig, padded_vocab_si
     )
     gpt = build_gpt_model(arch, tconfig, padded_vocab_size)
     return PolicyModel(gpt, arch, cot_proj_dim=model_cfg.cot_proj_dim, head_seed=model_cfg.seed,
-                       kernels=model_cfg.kernels)
+                       kernels=model_cfg.kernels, head_trunk_grad_scale=model_cfg.head_trunk_grad_scale)
 
 
 def policy_from_hf_source(src: convert.HFSource, model_cfg: ModelConfig, padded_vocab_size: int | None = None,

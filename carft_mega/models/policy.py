@@ -152,11 +152,15 @@ class PolicyModel(torch.nn.Module):
             PyTorch reference on CPU tensors (the Triton interpreter is a test tool, not a CPU
             backend); 'ref' always uses the reference. ``cot_head_impl`` may be set directly
             ('auto' | 'triton' | 'ref').
+        head_trunk_grad_scale: ``model.head_trunk_grad_scale``: the factor on the gradient the CoT
+            head (value and contrastive losses) sends into the trunk; 1 = the authors' shared
+            trunk, 0 = the head trains on frozen features.
     """
 
     def __init__(self, gpt, arch: ArchSpec, *, cot_proj_dim: int = 64, head_seed: int = 1234,
-                 kernels: str = "auto"):
+                 kernels: str = "auto", head_trunk_grad_scale: float = 1.0):
         super().__init__()
+        self.head_trunk_grad_scale = head_trunk_grad_scale
         if kernels not in ("auto", "ref"):
             raise ValueError(f"config field 'model.kernels' = {kernels!r}: expected auto or ref")
         self.cot_head_impl = kernels
@@ -325,6 +329,10 @@ class PolicyModel(torch.nn.Module):
 
         # CoT head on the full sequence, batch-major.
         h_full = megatron_to_batch_major(self._gather_sequence(hidden))  # (B, S, H)
+        if self.head_trunk_grad_scale != 1.0 and h_full.requires_grad:
+            # Same values; the head's gradient into the trunk is multiplied by the scale.
+            a = self.head_trunk_grad_scale
+            h_full = a * h_full + (1.0 - a) * h_full.detach()
         if span_masks is None:
             masks = torch.zeros((0, B, S), dtype=torch.bool, device=tokens.device)
         else:

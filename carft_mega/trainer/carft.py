@@ -291,7 +291,10 @@ def ppo_epoch(run: Run, engine: Engine, st: RolloutState, step: int, epoch: int)
         vf, m_vf = ppo_value_loss(out.values, st.values_old[idx, cols], st.returns[idx, cols], mask,
                                   cfg.ppo.value_clip, **agg)
         cl, m_cl = contrastive_loss(cfg.contrastive, out, st, idx)
-        loss = pg + cfg.ppo.vf_coef * vf + cfg.contrastive.coef * cl
+        if step < cfg.ppo.critic_warmup_steps:  # the critic learns first; the policy stays put
+            loss = cfg.ppo.vf_coef * vf + 0.0 * (pg + cl)
+        else:
+            loss = pg + cfg.ppo.vf_coef * vf + cfg.contrastive.coef * cl
         finite = finite and bool(torch.isfinite(loss))
         engine.backward(loss)
         # Loss shares add up to the global loss; rates are averaged, weighted by action tokens.

@@ -93,3 +93,32 @@ def test_python_programs_run_to_the_answer():
         programs.append(program_from_generation(r, target[len(header):] + "\nQuestion: junk"))
     with Sandbox(workers=2, timeout=5) as sb:
         assert extract_answers(programs, "python", sandbox=sb) == [r.answer for r in recs]
+
+
+def test_max_value_bounds_every_number():
+    import re
+
+    from carft_mega.data.synthetic import synthetic_split
+    for r in synthetic_split("train", 300, seed=3, max_steps=3, max_value=12):
+        nums = [int(x) for x in re.findall(r"\d+", r.question + " " + r.cot)]
+        assert max(nums) <= 12 and min(nums) >= 0, r
+
+
+def test_annotation_noise_corrupts_only_the_annotated_answer_line():
+    from carft_mega.data.synthetic import synthetic_split
+    from carft_mega.data.templates import ANSWER_TRIGGER, build_target
+    clean = synthetic_split("train", 500, seed=5, max_steps=2)
+    noisy = synthetic_split("train", 500, seed=5, max_steps=2, annotation_noise=0.5)
+    corrupted = 0
+    for c, n in zip(clean, noisy):
+        # Same problems, CoT steps and gold answers: noise touches only the annotated answer line.
+        assert (c.question, c.cot, c.answer, c.answer_text) == (n.question, n.cot, n.answer, n.answer_text)
+        if n.annotated_answer is not None:
+            corrupted += 1
+            first = int(n.question.split(" has ")[1].split()[0])
+            assert n.annotated_answer == str(first) and float(first) != n.answer
+            assert build_target(n).endswith(ANSWER_TRIGGER + str(first))
+        else:
+            assert build_target(n) == build_target(c)
+    assert 0.35 < corrupted / 500 < 0.55  # about half (a record whose start equals its answer stays clean)
+    assert all(r.annotated_answer is None for r in synthetic_split("test", 200, seed=5, annotation_noise=1.0))

@@ -95,7 +95,7 @@ def test_reft_and_carft_differ_only_by_the_contrastive_term(tmp_path):
 def test_tp2_under_torchrun(tmp_path):
     out = str(tmp_path / "tp2")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "carft_mega.train", *TINY, f"out_dir={out}", "parallel.tp=2", "ppo.max_steps=2",
            "contrastive.signal=both"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -109,3 +109,14 @@ def test_tp2_under_torchrun(tmp_path):
     assert got[0]["reward/score"] == ref[0]["reward/score"]
     assert got[0]["rollout/gen_len"] == ref[0]["rollout/gen_len"]
     assert got[0]["critic/vf_loss"] == pytest.approx(ref[0]["critic/vf_loss"], rel=1e-3, abs=1e-6)
+
+
+def test_critic_warmup_leaves_the_policy_untouched(tmp_path):
+    """With the head's gradient kept out of the trunk, a critic-warm-up step changes no policy
+    weight: the next rollout's KL to the reference is exactly 0 (it is not without warm-up)."""
+    common = ["ppo.max_steps=2", "model.head_trunk_grad_scale=0.0", "logging.eval_every=0"]
+    run_in_process(str(tmp_path / "w"), *common, "ppo.critic_warmup_steps=1")
+    run_in_process(str(tmp_path / "n"), *common, "ppo.critic_warmup_steps=0")
+    warm, no_warm = rows(str(tmp_path / "w"), "carft"), rows(str(tmp_path / "n"), "carft")
+    assert warm[1]["rollout/kl"] == 0.0 and warm[0]["critic/vf_loss"] > 0.0
+    assert no_warm[1]["rollout/kl"] != 0.0
