@@ -25,7 +25,7 @@ from carft_mega.reward.extract import extract_answers
 from carft_mega.reward.score import is_correct, score_batch
 from carft_mega.rollout.generate import RolloutBatch, generate
 from carft_mega.trainer.checkpoint import CheckpointRef
-from carft_mega.trainer.engine import Engine, build_engine, load_engine, save_engine
+from carft_mega.trainer.engine import Engine, build_engine, export_stage_hf, load_engine, save_engine
 from carft_mega.trainer.evaluate import decode_generations, evaluate
 from carft_mega.trainer.metrics import StageTimer
 from carft_mega.trainer.run import Run, TrainingStopped, build_initial_policy, rl_total_steps, step_generator
@@ -447,6 +447,7 @@ def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done < total:
             save_carft(run, engine, done, init_path)
     final = save_carft(run, engine, total, init_path)
+    export_stage_hf(run, engine, "carft")
     acc = evaluate(run, engine.policy, tag=f"carft_step{total}")
     run.results["carft_accuracy"] = acc
     run.results["final_checkpoint"] = final.path

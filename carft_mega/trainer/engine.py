@@ -186,3 +186,16 @@ def load_engine(engine: Engine, ckpt_dir: str, restore_rng: bool = True) -> None
     rng_file = os.path.join(ckpt_dir, "rng", f"rank{dist.get_rank():05d}.pt")
     if restore_rng and os.path.exists(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False))
+
+
+def export_stage_hf(run, engine: Engine, stage: str) -> str | None:
+    """``checkpoint.export_hf``: write ``<out_dir>/hf/<stage>`` (HF config + safetensors + tokenizer,
+    the CoT head as ``v_head.safetensors``). Collective; returns the path (None when disabled)."""
+    if not run.cfg.checkpoint.export_hf:
+        return None
+    from carft_mega.models.build import export_hf
+
+    path = os.path.join(run.cfg.out_dir, "hf", stage)
+    export_hf(engine.policy, path, tokenizer_dir=run.tokenizer_dir)
+    run.print(f"exported the {stage} policy as an HF model: {path}")
+    return path

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from carft_mega import parallel
 from carft_mega.data.collate import collate_sft, encode_sft
 from carft_mega.trainer.checkpoint import CheckpointRef
-from carft_mega.trainer.engine import Engine, build_engine, load_engine, save_engine
+from carft_mega.trainer.engine import Engine, build_engine, export_stage_hf, load_engine, save_engine
 from carft_mega.trainer.evaluate import evaluate
 from carft_mega.trainer.metrics import StageTimer
 from carft_mega.trainer.run import Run, TrainingStopped, build_initial_policy, sft_total_steps
@@ -79,6 +79,7 @@ def run_sft(run: Run, resume: CheckpointRef | None) -> CheckpointRef:
         if cfg.checkpoint.save_every and engine.step % cfg.checkpoint.save_every == 0 and engine.step < total:
             save_sft(run, engine)
     ref = save_sft(run, engine)
+    export_stage_hf(run, engine, "sft")
     acc = evaluate(run, engine.policy, tag=f"sft_step{engine.step}")
     run.results["sft_accuracy"] = acc
     run.logger.log("sft", engine.step, {"eval/accuracy": acc}, advance=False)

@@ -72,7 +72,8 @@ def test_reft_and_carft_differ_only_by_the_contrastive_term(tmp_path):
     common = ["ppo.max_steps=1", "ppo.ppo_epochs=1", "reward.partial=reft"]
     reft = run_in_process(str(tmp_path / "reft"), *common, "contrastive.signal=none")
     carft0 = run_in_process(str(tmp_path / "c0"), *common, "contrastive.signal=both", "contrastive.coef=0")
-    carft = run_in_process(str(tmp_path / "c1"), *common, "contrastive.signal=both", "contrastive.coef=0.5")
+    carft = run_in_process(str(tmp_path / "c1"), *common, "contrastive.signal=both", "contrastive.coef=0.5",
+                           "checkpoint.export_hf=true")
     r, c0, c1 = (strip_time(rows(str(tmp_path / d), "carft")[0]) for d in ("reft", "c0", "c1"))
     shared = [k for k in r if k.startswith(("reward/", "rollout/", "actor/", "critic/"))]
     for k in shared:  # same rollouts, rewards, advantages and PPO terms in the first epoch
@@ -89,6 +90,12 @@ def test_reft_and_carft_differ_only_by_the_contrastive_term(tmp_path):
             return [json.loads(x)["generation"] for x in f]
     assert evals("reft") == evals("c0")
     assert reft["carft_accuracy"] == carft0["carft_accuracy"] and 0.0 <= carft["carft_accuracy"] <= 1.0
+    # checkpoint.export_hf: an HF model (and the CoT head under TRL's v_head names) per stage.
+    from transformers import AutoModelForCausalLM
+    for stage in ("sft", "carft"):
+        d = tmp_path / "c1" / "hf" / stage
+        assert AutoModelForCausalLM.from_pretrained(str(d)).config.num_hidden_layers == 2
+        assert (d / "v_head.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -31,11 +31,19 @@ def carft_rows(out):
         return [r for r in map(json.loads, f) if r["stage"] == "carft" and "loss" in r]
 
 
-def test_quickstart_script_shortened(tmp_path):
-    out = run_script("quickstart.sh", tmp_path / "qs", "sft.max_steps=4", "ppo.max_steps=2",
-                     "data.synthetic_train_size=64", "data.synthetic_test_size=16", "logging.progress_bar=false")
+# Convergence: measured on the 2-core dev box (torch 2.13.0 CPU), 200 test problems, the quick-start
+# config with seeds 42 / 7 / 11: 0.100 -> 0.210, 0.070 -> 0.210, 0.035 -> 0.140 (+10.5 to +14 points).
+# The stated margin is 5 points.
+QUICKSTART_MARGIN = 0.05
+
+
+def test_quickstart_script_carft_beats_sft(tmp_path):
+    """``bash examples/quickstart.sh`` exactly as the README gives it (3 minutes on 2 cores)."""
+    out = run_script("quickstart.sh", tmp_path / "qs", "logging.progress_bar=false")
+    res = json.loads(out.split("results: ", 1)[1].splitlines()[0])
+    assert res["carft_accuracy"] >= res["sft_accuracy"] + QUICKSTART_MARGIN, res
     assert "accuracy after SFT" in out and "accuracy after CARFT" in out
-    assert len(carft_rows(tmp_path / "qs")) == 2
+    assert len(carft_rows(tmp_path / "qs")) == 40
     assert os.path.getsize(tmp_path / "qs" / "curves.png") > 1000
 
 
