@@ -331,11 +331,16 @@ class TrainerConfig:
     """Logging."""
 
     def __post_init__(self) -> None:
-        validate(self)
+        if not _DEFER_VALIDATION:
+            validate(self)
 
 
 # --------------------------------------------------------------------------------------------
 # Validation
+
+# Set while a file and its overrides are merged: the file alone may be incomplete (e.g. a model
+# path the launcher passes on the command line); the merged result is validated once.
+_DEFER_VALIDATION = False
 
 
 def _fail(name: str, value: Any, why: str) -> None:
@@ -572,7 +577,22 @@ def apply_overrides(cfg: TrainerConfig, overrides: list[str]) -> TrainerConfig:
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> TrainerConfig:
-    """Load YAML (or defaults when ``path`` is None) and apply overrides."""
+    """Load YAML (or defaults when ``path`` is None), apply overrides, then validate the result."""
+    global _DEFER_VALIDATION
+    _DEFER_VALIDATION = True
+    try:
+        cfg = _load_unvalidated(path, overrides)
+    finally:
+        _DEFER_VALIDATION = False
+    try:
+        validate(cfg)
+    except ValueError as e:
+        where = f"{path} + overrides" if path is not None and overrides else (path or "overrides")
+        raise ValueError(f"{where}: {e}") from None
+    return cfg
+
+
+def _load_unvalidated(path, overrides) -> TrainerConfig:
     data: dict[str, Any] = {}
     if path is not None:
         try:

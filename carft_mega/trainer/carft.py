@@ -312,7 +312,7 @@ def ppo_epoch(run: Run, engine: Engine, st: RolloutState, step: int, epoch: int)
 
 def _is_share(key: str) -> bool:
     """Metrics that are shares of a global sum (losses, counts) rather than local rates."""
-    return key == "loss" or key.endswith(("_loss", "_count"))
+    return key == "loss" or key.endswith(("/loss", "_loss", "_count"))
 
 
 def contrastive_loss(ccfg, out, st: RolloutState, idx: torch.Tensor):
