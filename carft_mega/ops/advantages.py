@@ -13,12 +13,9 @@ Everything here is a no-grad quantity, so there is no autograd Function.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import sys
 import warnings
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -112,25 +109,10 @@ def _check_inputs(scores, logp_old, logp_ref, values, action_mask, gamma, lam) -
 
 
 def _kernels():
-    """``carft_mega._kernels.advantages``, also from a source checkout that was not pip-installed.
+    """``carft_mega._kernels.advantages`` (see ``carft_mega._ext.triton_kernels``)."""
+    from carft_mega._ext import triton_kernels
 
-    setup.py installs ``kernels/triton`` as ``carft_mega._kernels``; without an install the same
-    directory is registered under that name here, so tests run from the repository root.
-    """
-    try:
-        return importlib.import_module("carft_mega._kernels.advantages")
-    except ModuleNotFoundError as e:
-        if e.name not in ("carft_mega._kernels", "carft_mega._kernels.advantages"):
-            raise  # triton itself (or another dependency) is missing
-    src = Path(__file__).resolve().parents[2] / "kernels" / "triton"
-    if not (src / "advantages.py").is_file():
-        raise ModuleNotFoundError("carft_mega._kernels is not installed and kernels/triton/ is not next to the package")
-    spec = importlib.util.spec_from_file_location(
-        "carft_mega._kernels", src / "__init__.py", submodule_search_locations=[str(src)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["carft_mega._kernels"] = pkg
-    spec.loader.exec_module(pkg)
-    return importlib.import_module("carft_mega._kernels.advantages")
+    return triton_kernels("advantages")
 
 
 def _pick_impl(impl: str, device: torch.device) -> str:

@@ -16,11 +16,8 @@ An empty S_k gives ``z_k = 0`` and ``valid = False`` (never a uniform softmax ov
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -66,27 +63,10 @@ def cot_head_ref(
 
 
 def _kernels():
-    """``carft_mega._kernels.cot_head``, also from a source checkout that was not pip-installed.
+    """``carft_mega._kernels.cot_head`` (see ``carft_mega._ext.triton_kernels``)."""
+    from carft_mega._ext import triton_kernels
 
-    setup.py installs ``kernels/triton`` as ``carft_mega._kernels``; without an install the same
-    directory is registered under that name here (as ``carft_mega.ops.advantages`` does), so tests and
-    benchmarks run from the repository root. Importing it imports triton: set ``TRITON_INTERPRET``
-    before, when running on CPU.
-    """
-    try:
-        return importlib.import_module("carft_mega._kernels.cot_head")
-    except ModuleNotFoundError as e:
-        if e.name not in ("carft_mega._kernels", "carft_mega._kernels.cot_head"):
-            raise  # triton itself (or another dependency) is missing
-    src = Path(__file__).resolve().parents[2] / "kernels" / "triton"
-    if not (src / "cot_head.py").is_file():
-        raise ModuleNotFoundError("carft_mega._kernels is not installed and kernels/triton/ is not next to the package")
-    spec = importlib.util.spec_from_file_location(
-        "carft_mega._kernels", src / "__init__.py", submodule_search_locations=[str(src)])
-    pkg = importlib.util.module_from_spec(spec)
-    sys.modules["carft_mega._kernels"] = pkg
-    spec.loader.exec_module(pkg)
-    return importlib.import_module("carft_mega._kernels.cot_head")
+    return triton_kernels("cot_head")
 
 
 class CoTHeadFunction(torch.autograd.Function):
