@@ -39,7 +39,8 @@ class RolloutState:
 
     Attributes:
         tokens: ``(n, L)`` rollout rows (prompt, generation, padding).
-        lengths: ``(n,)`` real tokens per row.
+        lengths: ``(n,)`` real tokens per row, on the host (slicing and weights need no device sync).
+        actions: ``(n,)`` action tokens per row, on the host.
         action_mask: ``(n, L)`` bool, state-aligned.
         spans: ``(K, n, L)`` bool rollout spans pooled in training forwards (``span_names``), or None.
         span_names: names of ``spans`` rows among ``full``, ``lcs``, ``exc``.
@@ -52,6 +53,7 @@ class RolloutState:
 
     tokens: torch.Tensor
     lengths: torch.Tensor
+    actions: torch.Tensor
     action_mask: torch.Tensor
     spans: torch.Tensor | None
     span_names: list[str]
@@ -85,10 +87,11 @@ def carft_step(run: Run, engine: Engine, ref_model, step: int) -> dict[str, floa
         ann, spans_r, spans_a, names_r, names_a = cot_spans(run, records, roll)
     mb = cfg.ppo.micro_batch_size
     with timer("old_forward"):
-        old = forward_batched(engine.policy, roll.tokens, roll.lengths, spans_r, mb)
-        ann_out = forward_batched(engine.policy, ann["tokens"], ann["lengths"], spans_a, mb, need_logp=False)
+        lengths = roll.lengths.cpu()  # one transfer; every later slice width is read on the host
+        old = forward_batched(engine.policy, roll.tokens, lengths, spans_r, mb)
+        ann_out = forward_batched(engine.policy, ann["tokens"], ann["lengths"].cpu(), spans_a, mb, need_logp=False)
     with timer("ref_forward"):
-        logp_ref = forward_batched(ref_model, roll.tokens, roll.lengths, None, mb).logp
+        logp_ref = forward_batched(ref_model, roll.tokens, lengths, None, mb).logp
     zr = dict(zip(names_r, old.z)) if old.z is not None else {}
     zr_ok = dict(zip(names_r, old.z_valid)) if old.z is not None else {}
     za = dict(zip(names_a, ann_out.z)) if ann_out.z is not None else {}
@@ -108,7 +111,7 @@ def carft_step(run: Run, engine: Engine, ref_model, step: int) -> dict[str, floa
                           device=run.device)
     dist.all_reduce(counts, group=parallel.dp_group())
     train_names = [] if cfg.contrastive.signal == "none" else names_r
-    state = RolloutState(tokens=roll.tokens, lengths=roll.lengths, action_mask=action_mask,
+    state = RolloutState(tokens=roll.tokens, lengths=lengths, actions=roll.gen_lens.cpu(), action_mask=action_mask,
                          spans=spans_r if train_names else None, span_names=train_names,
                          logp_old=old.logp, values_old=old.values, advantages=adv, returns=ret, za=za,
                          banks=banks, offset=parallel.dp_rank() * len(records),
@@ -214,7 +217,7 @@ def forward_batched(model, tokens, lengths, spans, micro_batch: int, need_logp: 
 
     Args:
         model: a ``PolicyModel`` (policy or reference).
-        tokens: ``(n, L)`` left-aligned rows; lengths: ``(n,)``.
+        tokens: ``(n, L)`` left-aligned rows; lengths: ``(n,)`` on the host.
         spans: ``(K, n, L)`` bool or None.
         micro_batch: rows per forward.
         need_logp: compute log-probs (the annotated forward needs only values and embeddings).
@@ -277,11 +280,13 @@ def ppo_epoch(run: Run, engine: Engine, st: RolloutState, step: int, epoch: int)
     n = st.tokens.shape[0]
     order = torch.randperm(n, generator=step_generator(cfg.seed, step, epoch, parallel.dp_rank()))
     engine.zero_grad()
-    finite, sums = True, {}
+    finite = torch.ones((), dtype=torch.bool, device=run.device)
+    sums: dict[str, torch.Tensor] = {}
+    total_actions = max(1, int(st.actions.sum()))
     for s in range(0, n, cfg.ppo.micro_batch_size):
-        idx = order[s:s + cfg.ppo.micro_batch_size].to(run.device)
-        w = int(st.lengths[idx].max())
-        cols = slice(0, w)
+        idx_cpu = order[s:s + cfg.ppo.micro_batch_size]
+        idx = idx_cpu.to(run.device)
+        cols = slice(0, int(st.lengths[idx_cpu].max()))  # host tensor: no device sync
         out = engine.ddp(st.tokens[idx, cols],
                          span_masks=None if st.spans is None else st.spans[:, idx, cols])
         mask = st.action_mask[idx, cols]
@@ -295,14 +300,16 @@ def ppo_epoch(run: Run, engine: Engine, st: RolloutState, step: int, epoch: int)
             loss = cfg.ppo.vf_coef * vf + 0.0 * (pg + cl)
         else:
             loss = pg + cfg.ppo.vf_coef * vf + cfg.contrastive.coef * cl
-        finite = finite and bool(torch.isfinite(loss))
+        finite &= torch.isfinite(loss)
         engine.backward(loss)
         # Loss shares add up to the global loss; rates are averaged, weighted by action tokens.
-        frac = float(mask.sum()) / max(1.0, float(st.action_mask.sum()))
+        # Kept on the device: one transfer per epoch instead of one per metric and micro-batch.
+        frac = float(st.actions[idx_cpu].sum()) / total_actions
         for k, v in {**m_pg, **m_vf, **m_cl, "loss": loss.detach()}.items():
-            sums[k] = sums.get(k, 0.0) + (float(v) if _is_share(k) else float(v) * frac)
+            v = torch.as_tensor(v, device=run.device).double()
+            sums[k] = sums.get(k, 0.0) + (v if _is_share(k) else v * frac)
     keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=run.device)
+    t = torch.stack([sums[k] for k in keys])
     dist.all_reduce(t, group=parallel.dp_group())
     dp = parallel.dp_size()
     metrics = {k: v if _is_share(k) else v / dp for k, v in zip(keys, t.tolist())}

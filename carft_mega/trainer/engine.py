@@ -55,11 +55,13 @@ class Engine:
     def lr(self) -> float:
         return lr_at(self.step, self.total_steps, self.peak_lr, self.schedule, self.warmup_ratio)
 
-    def optimizer_step(self, loss_is_finite: bool) -> dict[str, float]:
+    def optimizer_step(self, loss_is_finite: bool | torch.Tensor) -> dict[str, float]:
         """Reduce gradients, then step unless any rank saw a non-finite loss or gradient.
 
+        One host-device sync: the finiteness flags are combined on the device and reduced once.
+
         Args:
-            loss_is_finite: this rank's micro-batch losses were all finite.
+            loss_is_finite: this rank's micro-batch losses were all finite (bool or 0-d tensor).
 
         Returns:
             ``optim/lr``, ``optim/grad_norm``, ``optim/skipped`` (1.0 when the update was skipped).
@@ -67,8 +69,10 @@ class Engine:
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads([self.ddp])
-        grads_finite = all(bool(torch.isfinite(b.grad_data).all()) for b in self.ddp.buffers)
-        ok = torch.tensor([1.0 if loss_is_finite and grads_finite else 0.0], device=parallel.device())
+        ok = torch.as_tensor(loss_is_finite, device=parallel.device()).bool().reshape(1)
+        for b in self.ddp.buffers:
+            ok &= torch.isfinite(b.grad_data).all()
+        ok = ok.float()
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         lr = self.lr()
         self.step += 1

@@ -32,7 +32,8 @@ def sft_step(run: Run, engine: Engine) -> dict[str, float]:
     dist.all_reduce(counts, group=parallel.dp_group())
     n_target = counts[0].clamp(min=1.0)
     engine.zero_grad()
-    finite, loss_sum = True, torch.zeros((), device=run.device)
+    finite = torch.ones((), dtype=torch.bool, device=run.device)
+    loss_sum = torch.zeros((), device=run.device)
     with timer("update"):
         mb = cfg.sft.micro_batch_size
         for start in range(0, len(examples), mb):
@@ -41,7 +42,7 @@ def sft_step(run: Run, engine: Engine) -> dict[str, float]:
             loss_mask = batch["loss_mask"].to(run.device)
             out = engine.ddp(tokens)
             loss = -(out.logp * loss_mask).sum() / n_target
-            finite = finite and bool(torch.isfinite(loss))
+            finite &= torch.isfinite(loss)
             engine.backward(loss)
             loss_sum += loss.detach()
         metrics = engine.optimizer_step(finite)
