@@ -446,7 +446,11 @@ def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None
         done = step + 1
         if cfg.logging.eval_every and done % cfg.logging.eval_every == 0 and done < total:
             metrics["eval/accuracy"] = evaluate(run, engine.policy, tag=f"carft_step{done}")
-        run.logger.log("carft", done, metrics if done % cfg.logging.log_every == 0 or done == total else {})
+        skipped = metrics.get("optim/skipped", 0.0) > 0.0
+        if skipped:
+            run.print(f"RL step {done}: update skipped, non-finite loss or gradient "
+                      f"({engine.nonfinite_streak} in a row, the run stops at {cfg.ppo.max_nonfinite_steps})")
+        run.logger.log("carft", done, metrics if skipped or done % cfg.logging.log_every == 0 or done == total else {})
         run.logger.maybe_plot(done)
         if engine.nonfinite_streak >= cfg.ppo.max_nonfinite_steps:
             raise TrainingStopped(f"RL stopped at step {done}: {engine.nonfinite_streak} consecutive updates with "

@@ -72,8 +72,12 @@ def run_sft(run: Run, resume: CheckpointRef | None) -> CheckpointRef:
     run.logger.start_stage("sft", total, engine.step)
     while engine.step < total:
         metrics = sft_step(run, engine)
-        run.logger.log("sft", engine.step,
-                       metrics if engine.step % cfg.logging.log_every == 0 or engine.step == total else {})
+        skipped = metrics.get("optim/skipped", 0.0) > 0.0
+        if skipped:
+            run.print(f"SFT step {engine.step}: update skipped, non-finite loss or gradient "
+                      f"({engine.nonfinite_streak} in a row, the run stops at {cfg.ppo.max_nonfinite_steps})")
+        run.logger.log("sft", engine.step, metrics if skipped or engine.step % cfg.logging.log_every == 0
+                       or engine.step == total else {})
         if engine.nonfinite_streak >= cfg.ppo.max_nonfinite_steps:
             raise TrainingStopped(f"SFT stopped: {engine.nonfinite_streak} consecutive steps with a non-finite "
                                   f"loss or gradient (ppo.max_nonfinite_steps)")
