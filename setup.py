@@ -60,7 +60,7 @@ def _cuda_arch_flags():
 
 
 def _extensions():
-    """The C++/CUDA extension `carft_mega_ext` (see kernels/cuda/); empty when skipped.
+    """The C++/CUDA extension `carft_mega_cuda` (see kernels/cuda/); empty when skipped.
 
     The CPU part (kernels/cuda/lcs/lcs.cpp) is always built; the CUDA part (lcs_kernel.cu, and
     CARFT_WITH_CUDA defined for lcs.cpp) only with a CUDA build of torch and nvcc, and without
@@ -95,7 +95,7 @@ def _extensions():
     else:
         nvcc_flags = ["-O3", "-std=c++17", "--threads", os.environ.get("NVCC_THREADS", "4")]
         ext = cpp_extension.CUDAExtension(
-            name="carft_mega_ext",
+            name="carft_mega_cuda",
             sources=sources + [f"{_LCS_DIR}/lcs_kernel.cu"],
             depends=depends,
             define_macros=[("CARFT_WITH_CUDA", None)],
@@ -105,7 +105,7 @@ def _extensions():
         return [ext], {"build_ext": cpp_extension.BuildExtension}
 
     ext = cpp_extension.CppExtension(
-        name="carft_mega_ext",
+        name="carft_mega_cuda",
         sources=sources,
         depends=depends,
         extra_compile_args={"cxx": cxx_flags},

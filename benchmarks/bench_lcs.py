@@ -131,7 +131,7 @@ def main() -> None:
     sha, tv = git_sha(), torch.__version__
     rows = []
     if not extension_available("cpu"):
-        sys.exit("carft_mega_ext is not built: `pip install --no-build-isolation -e .` first")
+        sys.exit("carft_mega_cuda is not built: `pip install --no-build-isolation -e .` first")
 
     threads = torch.get_num_threads()
     dev = cpu_name()
@@ -183,7 +183,7 @@ def main() -> None:
                              f"{ms_min:.4f}", f"{cpu_ms:.3f}", f"{cpu_ms / ms:.1f}", f"{n / ms * 1e3:.0f}",
                              f"{cells / ms / 1e6:.3f}", tv, sha])
     else:
-        print("# CUDA: skipped (no GPU, or carft_mega_ext built without its CUDA part)")
+        print("# CUDA: skipped (no GPU, or carft_mega_cuda built without its CUDA part)")
 
     w = csv.writer(sys.stdout)
     w.writerow(FIELDS)

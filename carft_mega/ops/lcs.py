@@ -1,6 +1,6 @@
 """Batched token LCS and the CoT segment masks built from it (DESIGN.md Sec. 4, negative signal).
 
-``lcs_masks`` runs the compiled extension ``carft_mega_ext`` (kernels/cuda/lcs): its CUDA path for
+``lcs_masks`` runs the compiled extension ``carft_mega_cuda`` (kernels/cuda/lcs): its CUDA path for
 CUDA tensors and its multi-threaded bit-parallel C++ path for CPU tensors. Both are bit-identical
 to the readable reference ``carft_mega.algos.lcs.lcs_masks_ref`` (same tie-break), which is also
 what runs, after a one-time warning, when the extension was not built.
@@ -75,7 +75,7 @@ def lcs_masks(
     if a.device != b.device:
         raise ValueError(f"lcs_masks: a and b must be on one device, got {a.device} and {b.device}")
     if _C is None:
-        _warn_once("no_ext", f"carft_mega_ext is {_ext._C_error or 'not built'}, so lcs_masks "
+        _warn_once("no_ext", f"carft_mega_cuda is {_ext._C_error or 'not built'}, so lcs_masks "
                    "runs the pure-Python reference lcs_masks_ref (~20 ms per 512x512 pair). Build "
                    "the extension with `pip install --no-build-isolation -e .` (needs torch and a "
                    "C++ compiler).")
@@ -85,7 +85,7 @@ def lcs_masks(
         if getattr(_C, "with_cuda", False):
             stream = torch.cuda.current_stream(a.device).cuda_stream
             return _C.lcs_masks_cuda(a.contiguous(), a_len, b.contiguous(), b_len, stream, check_lengths)
-        _warn_once("no_cuda", "carft_mega_ext was built without its CUDA part (CPU torch, no nvcc "
+        _warn_once("no_cuda", "carft_mega_cuda was built without its CUDA part (CPU torch, no nvcc "
                    "or CARFT_SKIP_CUDA_BUILD), so lcs_masks copies CUDA inputs to its CPU path. "
                    "Rebuild with a CUDA torch and nvcc for the kernel.")
         out = _C.lcs_masks_cpu(a.cpu().contiguous(), a_len.cpu(), b.cpu().contiguous(), b_len.cpu())

@@ -33,10 +33,10 @@ NAMES = ("in_lcs_a", "in_lcs_b", "lcs_len")
 def ext():
     if lcs_op._C is None:
         if os.environ.get("CARFT_SKIP_EXT_BUILD", "").lower() in ("1", "true", "yes", "on"):
-            pytest.skip("CARFT_SKIP_EXT_BUILD is set: carft_mega_ext was not built on purpose")
+            pytest.skip("CARFT_SKIP_EXT_BUILD is set: carft_mega_cuda was not built on purpose")
         from carft_mega import _ext
 
-        pytest.fail(f"carft_mega_ext is {_ext._C_error}, so lcs_masks would run the reference itself. "
+        pytest.fail(f"carft_mega_cuda is {_ext._C_error}, so lcs_masks would run the reference itself. "
                     "Build it: `pip install --no-build-isolation -e .` (or `python setup.py "
                     "build_ext --inplace` in the repo root)")
     return lcs_op._C
@@ -403,7 +403,7 @@ def test_cuda_kernel_source_emulated_wide_rows(emu):
 
 @pytest.mark.gpu
 def test_cuda_path_matches_cpu_and_ref(ext):
-    assert getattr(ext, "with_cuda", False), "carft_mega_ext was built without its CUDA part"
+    assert getattr(ext, "with_cuda", False), "carft_mega_cuda was built without its CUDA part"
     dev = torch.device("cuda")
     gen = torch.Generator().manual_seed(11)
     batches = [random_batch(9, 130, 127, 3, torch.int32, gen),

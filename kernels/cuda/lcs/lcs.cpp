@@ -1,4 +1,4 @@
-// carft_mega_ext: batched token LCS masks with the DESIGN.md Sec. 4 tie-break; the CPU path and
+// carft_mega_cuda: batched token LCS masks with the DESIGN.md Sec. 4 tie-break; the CPU path and
 // the torch binding of the CUDA path (lcs_kernel.cu, built only with a CUDA torch and nvcc).
 // CPU: one pair per task over at::parallel_for. Row i of the DP is a bit vector V_i over the
 // columns of b (bit j-1 is 0 iff L[i][j] = L[i][j-1] + 1), updated with Hyyro's add-based
@@ -27,7 +27,7 @@ int carft_lcs_cuda_launch(const void*, const void*, int, const int64_t*, const i
                           int64_t, int64_t, bool*, bool*, int64_t*, void*, size_t, int, void*) {
   return -1;
 }
-const char* carft_lcs_cuda_error_string(int) { return "carft_mega_ext was built without CUDA"; }
+const char* carft_lcs_cuda_error_string(int) { return "carft_mega_cuda was built without CUDA"; }
 }  // namespace
 #endif
 
