@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from carft_mega.config import format_config, load_config
@@ -49,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_training(cfg)
     import torch.distributed as dist  # noqa: F401  (destroyed by run_training)
 
-    print("results: " + json.dumps(results), flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per torchrun rank
+        print("results: " + json.dumps(results), flush=True)
     return 0
 
 

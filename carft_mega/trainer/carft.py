@@ -8,6 +8,7 @@ PPO epochs of ``policy + alpha * value + c * contrastive`` with one optimizer st
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -21,12 +22,11 @@ from carft_mega.data.collate import collate_prompts, collate_sft, encode_prompt,
 from carft_mega.ops.advantages import advantages as fused_advantages
 from carft_mega.ops.advantages import global_moments, whiten_from_moments
 from carft_mega.ops.lcs import span_lcs_masks
-from carft_mega.reward.extract import extract_answers
 from carft_mega.reward.score import is_correct, score_batch
 from carft_mega.rollout.generate import RolloutBatch, generate
 from carft_mega.trainer.checkpoint import CheckpointRef
 from carft_mega.trainer.engine import Engine, build_engine, export_stage_hf, load_engine, save_engine
-from carft_mega.trainer.evaluate import decode_generations, evaluate
+from carft_mega.trainer.evaluate import decode_generations, evaluate, extract_answers_tp
 from carft_mega.trainer.metrics import StageTimer
 from carft_mega.trainer.run import Run, TrainingStopped, build_initial_policy, rl_total_steps, step_generator
 
@@ -75,7 +75,7 @@ class RolloutState:
 def carft_step(run: Run, engine: Engine, ref_model, step: int) -> dict[str, float]:
     """One rollout batch and its U PPO epochs; returns metrics (global over DP)."""
     cfg, timer = run.cfg, StageTimer()
-    records = [run.train[i] for i in run.local_indices(step, cfg.ppo.rollout_batch_size, RL_DATA_SALT)]
+    records = [run.train[i] for i in run.local_indices(step, cfg.ppo.rollout_batch_size, RL_DATA_SALT, drop_last=True)]
     with timer("rollout"):
         roll = sample_rollouts(run, engine.policy, records, step)  # (n, L) left-aligned rows
     with timer("score"):
@@ -150,7 +150,8 @@ def sample_rollouts(run: Run, policy, records, step: int) -> RolloutBatch:
 def score_rollouts(run: Run, records, roll: RolloutBatch) -> list[float | None]:
     """Extracted answers (python style: run in the sandbox)."""
     _, to_extract = decode_generations(run, records, roll.generations())
-    return extract_answers(to_extract, run.cfg.data.style, run.sandbox)
+    return extract_answers_tp(run, to_extract)
+
 
 
 def cot_spans(run: Run, records, roll: RolloutBatch):
@@ -457,7 +458,8 @@ def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None
                                   f"a non-finite loss or gradient (ppo.max_nonfinite_steps)")
         if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done < total:
             save_carft(run, engine, done, init_path)
-    final = save_carft(run, engine, total, init_path)
+    # Resumed from the final checkpoint (a crash in the export or evaluation after it): keep it.
+    final = resume if resume is not None and resume.step >= total else save_carft(run, engine, total, init_path)
     export_stage_hf(run, engine, "carft")
     acc = evaluate(run, engine.policy, tag=f"carft_step{total}")
     run.results["carft_accuracy"] = acc
@@ -468,5 +470,7 @@ def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None
 
 def save_carft(run: Run, engine: Engine, step: int, init_path: str | None) -> CheckpointRef:
     state = {"stage": "carft", "step": engine.step, "rollout_step": step, "total_steps": engine.total_steps,
-             "nonfinite_streak": engine.nonfinite_streak, "init_checkpoint": init_path}
+             "nonfinite_streak": engine.nonfinite_streak,
+             # Relative to the checkpoints folder, so a run directory can be moved and still resume.
+             "init_checkpoint": None if init_path is None else os.path.relpath(init_path, run.ckpts.root)}
     return run.ckpts.save("carft", step, lambda d: save_engine(engine, d, run.tokenizer_dir), state)

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -123,9 +124,14 @@ class CheckpointManager:
                 json.dump(state, f, indent=1)
             with open(os.path.join(tmp, "COMPLETE"), "w") as f:
                 f.write("ok\n")
-            if os.path.exists(final):  # re-saving the same step (e.g. after a resume)
-                shutil.rmtree(final)
+            old = None
+            if os.path.exists(final):  # re-saving a step: move the old one out of sight first
+                old = final + ".old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)  # a crash from here on leaves no half-deleted step_* dir
             os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
             latest_tmp = os.path.join(self.root, "latest.tmp")
             with open(latest_tmp, "w") as f:
                 f.write(f"{stage}/step_{step:08d}\n")
@@ -141,8 +147,49 @@ class CheckpointManager:
         # Leftover temporaries of crashed saves.
         d = os.path.join(self.root, stage)
         for name in os.listdir(d):
-            if name.endswith(".tmp"):
+            if name.endswith((".tmp", ".old")):
                 shutil.rmtree(os.path.join(d, name), ignore_errors=True)
+
+    def set_aside(self, keep: CheckpointRef | None) -> tuple[str, int] | None:
+        """Move every checkpoint after ``keep`` (all of them when None) out of the way.
+
+        A fresh start (``resume=none``) or a resume from an older checkpoint begins a new history:
+        checkpoints of the abandoned one must neither win ``resume=auto`` later nor be pruned in
+        place of the new ones. Nothing is deleted: they go to ``<root>.replaced-<time>/<stage>/``.
+        Rank 0 moves, every rank waits (collective).
+
+        Returns:
+            ``(destination, count)``, or None when there was nothing to move.
+        """
+        moved = None
+        if _rank() == 0:
+            later = [(st, name) for st in STAGES if os.path.isdir(os.path.join(self.root, st))
+                     for name in sorted(os.listdir(os.path.join(self.root, st)))
+                     if (m := _STEP_DIR.match(name))
+                     and (keep is None or (STAGES.index(st), int(m.group(1))) > keep.order)]
+            if later:
+                dest = f"{self.root}.replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+                n = 0
+                while os.path.exists(dest):  # two fresh starts within a second
+                    n += 1
+                    dest = f"{self.root}.replaced-{time.strftime('%Y%m%d-%H%M%S')}-{n}"
+                for st, name in later:
+                    os.makedirs(os.path.join(dest, st), exist_ok=True)
+                    os.replace(os.path.join(self.root, st, name), os.path.join(dest, st, name))
+                moved = (dest, len(later))
+            latest = os.path.join(self.root, "latest")
+            if keep is None:
+                if os.path.exists(latest):
+                    os.remove(latest)
+            elif moved is not None:
+                with open(latest + ".tmp", "w") as f:
+                    f.write(f"{keep.stage}/step_{keep.step:08d}\n")
+                os.replace(latest + ".tmp", latest)
+        if dist.is_available() and dist.is_initialized():
+            box = [moved]
+            dist.broadcast_object_list(box, src=0)
+            moved = box[0]
+        return moved
 
     @staticmethod
     def read_state(ref: CheckpointRef) -> dict[str, Any]:

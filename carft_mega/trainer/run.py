@@ -6,13 +6,15 @@ takes exactly the path of an uninterrupted one.
 
 Data order is a pure function of (seed, step): epoch ``e`` is a seeded permutation of the
 training set, and step ``s`` of a stage takes the next global batch from the stream of epochs,
-rank ``r`` its ``r``-th slice. The step counter is the data cursor.
+rank ``r`` its ``r``-th slice. RL batches never straddle two epochs (no prompt twice in a batch).
+The step counter is the data cursor.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,20 +67,29 @@ class Run:
         if self.is_main:
             self.logger.write(text) if self.logger.enabled else print(text, flush=True)
 
-    def local_indices(self, step: int, global_batch: int, salt: int) -> list[int]:
+    def local_indices(self, step: int, global_batch: int, salt: int, drop_last: bool = False) -> list[int]:
         """This DP rank's training-record indices for ``step`` (see module docstring).
 
         Args:
             step: 0-based step of the stage.
             global_batch: records per step over all DP ranks (a multiple of the DP size).
             salt: separates the data streams of the two stages.
+            drop_last: batches never straddle two epochs, so no record appears twice in one batch
+                (RL: a repeated question would be its own false negative in the contrastive bank);
+                the last ``n mod global_batch`` records of each epoch's shuffle are left out.
         """
         n = len(self.train)
-        start = step * global_batch
-        out = []
-        for k in range(start, start + global_batch):
-            epoch, pos = divmod(k, n)
-            out.append(int(_epoch_order(n, self.cfg.seed + salt, epoch)[pos]))
+        if drop_last:
+            if n < global_batch:
+                raise ValueError(f"a batch of {global_batch} records needs at least that many training records (have {n})")
+            epoch, j = divmod(step, n // global_batch)
+            out = _epoch_order(n, self.cfg.seed + salt, epoch)[j * global_batch:(j + 1) * global_batch].tolist()
+        else:
+            start = step * global_batch
+            out = []
+            for k in range(start, start + global_batch):
+                epoch, pos = divmod(k, n)
+                out.append(int(_epoch_order(n, self.cfg.seed + salt, epoch)[pos]))
         per_rank = global_batch // parallel.dp_size()
         r = parallel.dp_rank()
         return out[r * per_rank:(r + 1) * per_rank]
@@ -117,7 +128,8 @@ def sft_total_steps(cfg: TrainerConfig, n_train: int) -> int:
 def rl_total_steps(cfg: TrainerConfig, n_train: int) -> int:
     if cfg.ppo.max_steps is not None:
         return cfg.ppo.max_steps
-    return max(1, int(cfg.ppo.epochs * (n_train // cfg.ppo.rollout_batch_size)))
+    # RL batches never straddle two epochs (Run.local_indices, drop_last): n // batch per epoch.
+    return max(1, math.ceil(cfg.ppo.epochs * (n_train // cfg.ppo.rollout_batch_size)))
 
 
 def _check_batch_sizes(cfg: TrainerConfig) -> None:
@@ -163,7 +175,7 @@ def setup_run(cfg: TrainerConfig) -> Run:
         raise ValueError(f"config field 'ppo.rollout_batch_size' = {cfg.ppo.rollout_batch_size}: larger than "
                          f"the training set ({len(train)} records)")
     sandbox = None
-    if cfg.data.style == "python":
+    if cfg.data.style == "python" and parallel.tp_rank() == 0:  # programs run once per TP group
         from carft_mega.reward.sandbox import Sandbox
         sandbox = Sandbox.from_config(cfg.reward)
     if rank0:
@@ -215,6 +227,14 @@ def run_training(cfg: TrainerConfig) -> dict[str, Any]:
     run = setup_run(cfg)
     try:
         resume = run.ckpts.resolve(cfg.checkpoint.resume)
+        moved = run.ckpts.set_aside(resume)  # checkpoints of an abandoned history: kept, out of the way
+        if moved is not None:
+            dest, count = moved
+            metrics_file = os.path.join(cfg.out_dir, "metrics.jsonl")
+            if resume is None and run.is_main and os.path.exists(metrics_file):
+                shutil.copy2(metrics_file, dest)
+            run.print(f"checkpoint.resume={cfg.checkpoint.resume}: moved {count} checkpoint(s) "
+                      f"{'of an earlier run' if resume is None else 'newer than ' + resume.path} to {dest}")
         if resume is not None:
             run.print(f"resuming from {resume.path} ({resume.stage} step {resume.step})")
             run.logger.truncate_after(resume.stage, resume.step)
@@ -225,7 +245,8 @@ def run_training(cfg: TrainerConfig) -> dict[str, Any]:
             sft_ref = run_sft(run, resume)
         elif resume is not None and resume.stage == "carft":
             state = run.ckpts.read_state(resume)
-            sft_ref = run.ckpts.resolve(state["init_checkpoint"]) if state.get("init_checkpoint") else None
+            init = state.get("init_checkpoint")
+            sft_ref = run.ckpts.resolve(os.path.join(run.ckpts.root, init)) if init else None
         if cfg.ppo.enabled:
             run_carft(run, init=sft_ref, resume=resume if resume is not None and resume.stage == "carft" else None)
         return run.results
