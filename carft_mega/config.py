@@ -65,7 +65,8 @@ class ModelConfig:
     """Factor on the gradient the CoT/value head (value and contrastive losses) sends into the trunk:
     1 = the authors' shared trunk; smaller protects a small policy from its random-init critic."""
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Compute dtype; auto = bf16 on GPU, fp32 on CPU."""
+    """Compute dtype; auto = bf16 on GPU, fp32 on CPU. fp16 is refused for training (it needs dynamic
+    loss scaling, which the trainer does not wire); the conversion tools accept it."""
     fp8: bool = False
     """FP8 GEMMs through Transformer Engine (H100 and newer; needs transformer_engine)."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
@@ -161,7 +162,7 @@ class PPOConfig:
     enabled: bool = True
     """Run the RL stage."""
     epochs: float = 100.0
-    """Passes over the training prompts."""
+    """Passes over the training prompts (each pass: n // rollout_batch_size batches of distinct prompts)."""
     max_steps: int | None = None
     """Stop after this many rollout steps (overrides epochs)."""
     rollout_batch_size: int = 64
@@ -407,6 +408,9 @@ def validate(cfg: TrainerConfig) -> None:
     if cfg.model.source in ("hf", "mcore") and not cfg.model.path:
         _fail("model.path", cfg.model.path, f"required when model.source={cfg.model.source!r}")
     _positive("model.cot_proj_dim", cfg.model.cot_proj_dim)
+    if cfg.model.dtype == "fp16":  # Megatron's fp16 path divides gradients by a 2**32 loss scale
+        _fail("model.dtype", cfg.model.dtype, "training in fp16 needs dynamic loss scaling, which this "
+              "trainer does not wire: use bf16 (A100/H100) or fp32")
     if not 0.0 <= cfg.model.head_trunk_grad_scale <= 1.0:
         _fail("model.head_trunk_grad_scale", cfg.model.head_trunk_grad_scale, "must be in [0, 1]")
     _positive("parallel.tp", cfg.parallel.tp)

@@ -184,6 +184,15 @@ def sequence_parallel() -> bool:
     return _state().sequence_parallel
 
 
+def broadcast_object(obj, group: dist.ProcessGroup):
+    """``obj`` from the first rank of ``group`` to every rank of it (pickled; small objects only)."""
+    if dist.get_world_size(group) == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
 def world_rank() -> int:
     """Global rank."""
     return dist.get_rank()

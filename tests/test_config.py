@@ -58,6 +58,7 @@ def test_file_is_validated_after_the_overrides(tmp_path):
     ("parallel.sequence_parallel=true", "parallel.sequence_parallel"), ("ppo.gamma=2", "ppo.gamma"),
     ("model.tiny.num_kv_heads=3", "model.tiny.num_kv_heads"), ("rollout.max_new_tokens=5000", "rollout.max_new_tokens"),
     ("ppo.epochs=abc", "ppo.epochs"), ("model.head_trunk_grad_scale=2", "model.head_trunk_grad_scale"),
+    ("model.dtype=fp16", "model.dtype"),
 ])
 def test_bad_values_name_field_and_value(override, field):
     with pytest.raises(ValueError) as e:

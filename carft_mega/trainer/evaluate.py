@@ -54,7 +54,7 @@ def evaluate(run, policy, tag: str) -> float:
         if not mine[b * bs:(b + 1) * bs]:
             continue  # a padding batch that keeps the ranks in step
         texts, to_extract = decode_generations(run, recs, out.generations())
-        preds = extract_answers(to_extract, cfg.data.style, run.sandbox)
+        preds = extract_answers_tp(run, to_extract)
         for i, rec, text, pred in zip(idx, recs, texts, preds):
             rows.append({"index": i, "id": rec.id, "question": rec.question, "gold": rec.answer,
                          "pred": pred, "correct": is_correct(pred, rec.answer, cfg.reward.tolerance),
@@ -72,3 +72,15 @@ def evaluate(run, policy, tag: str) -> float:
                 f.write(json.dumps(x) + "\n")
         os.replace(tmp, os.path.join(d, f"{tag}.jsonl"))
     return acc
+
+
+def extract_answers_tp(run, to_extract: list[str]) -> list[float | None]:
+    """``extract_answers`` with one answer per TP group: programs run once, on the group's first
+    rank, and the answers are broadcast. Run on every TP rank, a program near its time limit (or
+    one that reads the clock or draws unseeded random numbers) could score differently per rank,
+    and the replicated parameters (CoT head, norms) would drift apart."""
+    style = run.cfg.data.style
+    if style != "python" or parallel.tp_size() == 1:
+        return extract_answers(to_extract, style, run.sandbox)
+    preds = extract_answers(to_extract, style, run.sandbox) if parallel.tp_rank() == 0 else None
+    return parallel.broadcast_object(preds, parallel.tp_group())

@@ -218,8 +218,36 @@ def tp2_tools(workdir: str) -> None:
     check("tp2_export_written", True)
 
 
+def tp2_python_scoring() -> None:
+    """Model-written programs run once per TP group (its first rank) and every rank gets those answers."""
+    from types import SimpleNamespace
+
+    from carft_mega.reward.sandbox import Sandbox
+    from carft_mega.trainer.evaluate import extract_answers_tp
+
+    class Refuses:
+        def run_programs(self, *_):
+            raise AssertionError("a program ran on a TP rank other than the first")
+
+    programs = ["def solution():\n    import time\n    return time.perf_counter_ns() % 1000003\n",
+                "def solution():\n    return 6 * 7\n", "def solution():\n    return 1 / 0\n"]
+    first = parallel.tp_rank() == 0
+    sandbox = Sandbox(workers=1, timeout=5.0) if first else Refuses()
+    run = SimpleNamespace(cfg=SimpleNamespace(data=SimpleNamespace(style="python")), sandbox=sandbox)
+    try:
+        preds = extract_answers_tp(run, programs)
+    finally:
+        if first:
+            sandbox.close()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, preds)
+    check("tp2_python_scoring_once_per_group",
+          everyone[0] == everyone[1] and preds[1] == 42.0 and preds[2] is None, str(everyone))
+
+
 def run_tp2(workdir: str) -> None:
     parallel.init_distributed(ParallelConfig(tp=2), seed=0)
+    tp2_python_scoring()
     tp2_conversion()
     tp_forward_backward("tp2", workdir)
     tp2_vocab_parallel()

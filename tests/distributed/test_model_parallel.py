@@ -39,6 +39,7 @@ TP2_CHECKS = [
     "tp2_model_opt_reload_optimizer_state_bitexact",
     "tp2_step_after_reload_bitexact", "tp2_compare_logits", "tp2_export_written",
     "tp2sp_head_grads_identical_across_tp", "tp2sp_norm_grads_identical_across_tp",
+    "tp2_python_scoring_once_per_group",
 ]
 DP2_CHECKS = ["dp2_layout", "dp2_grads_identical_across_dp", "dp2_params_identical_after_steps",
               "dp2_reload_model_bitexact", "dp2_reload_optimizer_bitexact", "dp2_step_after_reload_bitexact"]
