@@ -25,6 +25,8 @@ def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
         ``(B,)`` int64.
     """
     T = action_mask.shape[-1]
+    if T == 0:
+        return torch.full(action_mask.shape[:-1], -1, dtype=torch.long, device=action_mask.device)
     pos = torch.arange(T, device=action_mask.device).expand_as(action_mask)
     return torch.where(action_mask, pos, torch.full_like(pos, -1)).amax(dim=-1)
 
@@ -49,7 +51,7 @@ def kl_shaped_rewards(
         ``(B, T)`` fp32 rewards, 0 outside the action mask.
     """
     mask = action_mask.bool()
-    kl = (logp_old.float() - logp_ref.float()) * mask
+    kl = torch.where(mask, logp_old.float() - logp_ref.float(), 0.0)  # padding may hold -inf/NaN
     rewards = -beta * kl
     last = last_action_index(mask)
     rows = torch.nonzero(last >= 0).squeeze(-1)
@@ -93,7 +95,7 @@ def compute_gae(
         adv[:, t] = torch.where(m, a, 0.0)
         next_v = torch.where(m, v[:, t], next_v)
         next_a = torch.where(m, a, next_a)
-    returns = (adv + v) * mask
+    returns = torch.where(mask, adv + v, 0.0)
     return adv, returns
 
 
@@ -152,4 +154,4 @@ def masked_whiten(
     out = (x.float() - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
-    return out * mask
+    return torch.where(mask.bool(), out, 0.0)

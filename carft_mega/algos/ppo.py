@@ -36,12 +36,13 @@ def agg_loss(
         Scalar loss.
     """
     m = mask.to(loss_mat.dtype)
+    masked = torch.where(mask.bool(), loss_mat, 0.0)  # not loss * m: inf * 0 outside the mask is NaN
     if agg == "token-mean":
         denom = m.sum().clamp(min=1.0) if num_tokens is None else num_tokens
-        return (loss_mat * m).sum() / denom
+        return masked.sum() / denom
     if agg == "seq-mean-token-mean":
         per_seq_tokens = m.sum(dim=-1)
-        seq_loss = (loss_mat * m).sum(dim=-1) / per_seq_tokens.clamp(min=1.0)
+        seq_loss = masked.sum(dim=-1) / per_seq_tokens.clamp(min=1.0)
         denom = (per_seq_tokens > 0).sum().clamp(min=1) if num_seqs is None else num_seqs
         return seq_loss.sum() / denom
     raise ValueError(f"agg must be 'token-mean' or 'seq-mean-token-mean', got {agg!r}")
@@ -49,7 +50,7 @@ def agg_loss(
 
 def _masked_local_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype)
-    return ((x * m).sum() / m.sum().clamp(min=1.0)).detach()
+    return (torch.where(mask.bool(), x, 0.0).sum() / m.sum().clamp(min=1.0)).detach()
 
 
 def ppo_policy_loss(
@@ -78,7 +79,9 @@ def ppo_policy_loss(
             mean), ``actor/ratio_mean``; detached.
     """
     mask = action_mask.bool()
-    log_ratio = (logp.float() - logp_old.float()) * mask
+    # Clamped as verl does (core_algos.compute_policy_loss): exp() of a stale token's log-ratio
+    # cannot overflow to inf and cost the whole update.
+    log_ratio = torch.where(mask, logp.float() - logp_old.float(), 0.0).clamp(-20.0, 20.0)
     ratio = torch.exp(log_ratio)
     adv = advantages.float()
     pg1 = -adv * ratio

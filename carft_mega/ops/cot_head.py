@@ -170,5 +170,6 @@ def cot_head(
     """
     _check_inputs(h, W_p, b_p, w_v, b_v, span_masks)
     if _pick_impl(impl, h, W_p.shape[0]) == "ref":
-        return cot_head_ref(h, W_p, b_p, w_v, b_v, span_masks)
+        # fp32 like the kernel's accumulators: a bf16 reference would feed the critic values ~1e-2 off.
+        return cot_head_ref(h, W_p, b_p, w_v, b_v, span_masks, upcast=True)
     return CoTHeadFunction.apply(h, W_p, b_p, w_v, b_v, span_masks)

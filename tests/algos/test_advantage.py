@@ -97,3 +97,31 @@ def test_masked_whiten_matches_loop(shift_mean):
     expect = (x - mean) / math.sqrt(var + 1e-8) + (0.0 if shift_mean else mean)
     torch.testing.assert_close(w[m], expect[m], atol=1e-5, rtol=1e-5)
     assert not w[~m].any()
+
+
+def test_non_finite_values_outside_the_mask_do_not_leak():
+    """Padding positions may hold -inf log-probs or NaN values; the rewards, advantages and returns
+    at action positions (and the zeros elsewhere) must be those of clean inputs."""
+    g = torch.Generator().manual_seed(11)
+    B, T = 4, 9
+    mask = torch.rand(B, T, generator=g) > 0.4
+    mask[3] = False  # a row without actions
+    lo, lr_, v = (torch.randn(B, T, generator=g) for _ in range(3))
+    scores = torch.randn(B, generator=g)
+    dirty = [x.clone() for x in (lo, lr_, v)]
+    for x, bad in zip(dirty, (float("-inf"), float("nan"), float("nan"))):
+        x[~mask] = bad
+    clean_r = kl_shaped_rewards(scores, lo, lr_, mask, 0.05)
+    dirty_r = kl_shaped_rewards(scores, dirty[0], dirty[1], mask, 0.05)
+    assert torch.equal(clean_r, dirty_r)
+    a0, r0 = compute_gae(clean_r, v, mask, 1.0, 0.95)
+    a1, r1 = compute_gae(dirty_r, dirty[2], mask, 1.0, 0.95)
+    assert torch.equal(a0, a1) and torch.equal(r0, r1) and torch.isfinite(r1).all()
+
+
+def test_zero_length_rows():
+    mask = torch.zeros(3, 0, dtype=torch.bool)
+    assert last_action_index(mask).tolist() == [-1, -1, -1]
+    r = kl_shaped_rewards(torch.ones(3), torch.zeros(3, 0), torch.zeros(3, 0), mask, 0.1)
+    adv, ret = compute_gae(r, torch.zeros(3, 0), mask, 1.0, 0.95)
+    assert r.shape == adv.shape == ret.shape == (3, 0)

@@ -95,3 +95,26 @@ def test_all_masked_rows_give_zero_loss():
 def test_bad_agg_raises():
     with pytest.raises(ValueError, match="agg"):
         agg_loss(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), "mean")
+
+
+def test_policy_loss_survives_a_huge_log_ratio_and_dirty_padding():
+    """A token whose log-prob moved by 100 nats gives a finite loss (ratio clamped at exp(20), as
+    verl does); -inf/NaN at non-action positions changes nothing."""
+    g = torch.Generator().manual_seed(5)
+    B, T = 3, 7
+    mask = torch.rand(B, T, generator=g) > 0.3
+    mask[0, 0] = True
+    logp = torch.randn(B, T, generator=g, requires_grad=True)
+    old = torch.randn(B, T, generator=g)
+    adv = torch.randn(B, T, generator=g)
+    adv[0, 0] = -1.0
+    old_far = old.clone()
+    old_far[0, 0] = logp[0, 0].detach() - 100.0
+    loss, _ = ppo_policy_loss(logp, old_far, adv, mask, 0.2)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    clean, _ = ppo_policy_loss(logp.detach(), old, adv, mask, 0.2)
+    dirty_old, dirty_adv = old.clone(), adv.clone()
+    dirty_old[~mask], dirty_adv[~mask] = float("-inf"), float("nan")
+    dirty, m = ppo_policy_loss(logp.detach(), dirty_old, dirty_adv, mask, 0.2)
+    assert torch.equal(clean, dirty) and all(torch.isfinite(v) for v in m.values())
