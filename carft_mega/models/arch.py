@@ -100,10 +100,12 @@ class ArchSpec:
         elif self.family == "qwen2":
             if not self.qkv_bias:
                 raise ValueError("Qwen2 always has QKV bias; set qkv_bias=True or use family='llama'")
+            # HF Qwen2 windows layer i when use_sliding_window and i >= max_window_layers:
+            # max_window_layers=0 windows every layer (the only pattern an ArchSpec describes).
+            windowed = self.sliding_window is not None
             cfg = transformers.Qwen2Config(
-                use_sliding_window=self.sliding_window is not None,
-                sliding_window=self.sliding_window, max_window_layers=self.num_layers,
-                **common, **extra)
+                use_sliding_window=windowed, sliding_window=self.sliding_window,
+                max_window_layers=0 if windowed else self.num_layers, **common, **extra)
         else:
             if self.qkv_bias:
                 raise ValueError("Mistral has no QKV bias")
@@ -130,6 +132,44 @@ def _hf_rope(hf_cfg) -> tuple[float, str]:
     return float(getattr(hf_cfg, "rope_theta", 10000.0)), rope_type
 
 
+def _qwen2_window(hf_cfg, source: str) -> int | None:
+    """The one sliding window of a Qwen2 config, or None for full attention on every layer.
+
+    HF Qwen2 windows layer ``i`` when ``layer_types[i] == 'sliding_attention'`` (transformers
+    v5 always sets ``layer_types``), i.e. when ``use_sliding_window`` and ``i >= max_window_layers``
+    (v4, where ``layer_types`` may be absent). ``max_window_layers = num_hidden_layers`` therefore
+    means full attention everywhere and ``max_window_layers = 0`` a window on every layer.
+
+    Raises:
+        ValueError: a mix of windowed and full-attention layers (one ArchSpec window cannot say it).
+    """
+    n = hf_cfg.num_hidden_layers
+    width = getattr(hf_cfg, "sliding_window", None)
+    types = getattr(hf_cfg, "layer_types", None)
+    if types is not None:
+        types = list(types)
+        bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+        if len(types) != n or bad:
+            raise ValueError(f"{source}: layer_types must list 'sliding_attention' / 'full_attention' for each of "
+                             f"the {n} layers, got {types}")
+        sliding = [t == "sliding_attention" for t in types]
+        field = "layer_types"
+    else:
+        use = bool(getattr(hf_cfg, "use_sliding_window", False))
+        first = getattr(hf_cfg, "max_window_layers", n)
+        sliding = [use and i >= first for i in range(n)]
+        field = "max_window_layers"
+    if width is None or not any(sliding):
+        return None  # HF attends fully when sliding_window is None, whatever the layer type
+    if all(sliding):
+        return int(width)
+    windowed = [i for i, s in enumerate(sliding) if s]
+    raise ValueError(f"{source}: Qwen2 {field} (use_sliding_window = {getattr(hf_cfg, 'use_sliding_window', None)}, "
+                     f"max_window_layers = {getattr(hf_cfg, 'max_window_layers', None)}) puts the sliding window on "
+                     f"layers {windowed} of {n} only; supported is a window on every layer "
+                     f"(max_window_layers = 0) or on none")
+
+
 def arch_from_hf_config(hf_cfg, source: str = "<config>") -> ArchSpec:
     """Describe an HF Llama / CodeLlama / Qwen2 / Qwen2.5 / Mistral config.
 
@@ -140,6 +180,7 @@ def arch_from_hf_config(hf_cfg, source: str = "<config>") -> ArchSpec:
     Raises:
         NotImplementedError: for other architectures or features this project does not convert
             (RoPE scaling, attention/MLP biases other than Qwen2's QKV bias, non-SiLU MLP).
+        ValueError: a Qwen2 sliding window on some layers only (see :func:`_qwen2_window`).
     """
     family = getattr(hf_cfg, "model_type", None)
     if family not in SUPPORTED_FAMILIES:
@@ -147,7 +188,8 @@ def arch_from_hf_config(hf_cfg, source: str = "<config>") -> ArchSpec:
                                   f"(supported: {', '.join(SUPPORTED_FAMILIES)})")
     theta, rope_type = _hf_rope(hf_cfg)
     if rope_type not in ("default", None):
-        raise NotImplementedError(f"{source}: RoPE scaling type {rope_type!r} is not supported")
+        raise NotImplementedError(f"{source}: RoPE scaling type {rope_type!r} (config field 'rope_scaling' / "
+                                  f"'rope_parameters') is not supported; only plain RoPE converts")
     act = getattr(hf_cfg, "hidden_act", "silu")
     if act != "silu":
         raise NotImplementedError(f"{source}: hidden_act {act!r} is not supported (SwiGLU needs 'silu')")
@@ -162,10 +204,8 @@ def arch_from_hf_config(hf_cfg, source: str = "<config>") -> ArchSpec:
     window = None
     if family == "mistral":
         window = getattr(hf_cfg, "sliding_window", None)
-    elif family == "qwen2" and getattr(hf_cfg, "use_sliding_window", False):
-        if getattr(hf_cfg, "max_window_layers", hf_cfg.num_hidden_layers) < hf_cfg.num_hidden_layers:
-            raise NotImplementedError(f"{source}: Qwen2 sliding window on a subset of layers is not supported")
-        window = hf_cfg.sliding_window
+    elif family == "qwen2":
+        window = _qwen2_window(hf_cfg, source)
     num_heads = hf_cfg.num_attention_heads
     head_dim = getattr(hf_cfg, "head_dim", None) or hf_cfg.hidden_size // num_heads
     return ArchSpec(

@@ -24,7 +24,8 @@ from carft_mega.config import ModelConfig, ParallelConfig
 from carft_mega.models import convert
 from carft_mega.models.arch import (ArchSpec, arch_from_hf_config, arch_from_tiny, pad_vocab_size,
                                     read_arch_json, write_arch_json)
-from carft_mega.models.gpt import build_gpt_model, build_transformer_config, resolve_dtype, resolve_transformer_impl
+from carft_mega.models.gpt import (DTYPES, build_gpt_model, build_transformer_config, resolve_dtype,
+                                   resolve_transformer_impl)
 from carft_mega.models.policy import PolicyModel
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -61,17 +62,46 @@ def build_model_skeleton(arch: ArchSpec, model_cfg: ModelConfig, padded_vocab_si
                        kernels=model_cfg.kernels, head_trunk_grad_scale=model_cfg.head_trunk_grad_scale)
 
 
+def load_v_head_(policy: PolicyModel, v_head: dict[str, torch.Tensor], source: str = convert.V_HEAD_FILE) -> None:
+    """Copy a CoT head state dict (``proj.weight`` ...) into ``policy.cot_head``, shapes checked.
+
+    Raises:
+        ValueError: a tensor's shape differs from the head's (naming ``model.cot_proj_dim`` and ``source``).
+    """
+    head = policy.cot_head
+    params = dict(head.named_parameters())
+    for k, v in v_head.items():
+        if k not in params:
+            raise KeyError(f"{source}: {k!r} is not a CoT head parameter ({sorted(params)})")
+        if tuple(v.shape) != tuple(params[k].shape):
+            d, hidden = head.proj.out_features, head.proj.in_features
+            raise ValueError(f"{source}: CoT head tensor {k} has shape {tuple(v.shape)}, the policy's head "
+                             f"{tuple(params[k].shape)} (config field 'model.cot_proj_dim' = {d}, hidden size "
+                             f"{hidden}); set model.cot_proj_dim to the saved head's d")
+    with torch.no_grad():
+        for k, v in v_head.items():
+            params[k].copy_(v)
+
+
 def policy_from_hf_source(src: convert.HFSource, model_cfg: ModelConfig, padded_vocab_size: int | None = None,
-                          v_head: dict[str, torch.Tensor] | None = None) -> PolicyModel:
-    """Build the policy for this rank and load HF weights into it (in-memory conversion)."""
+                          v_head: dict[str, torch.Tensor] | None = None,
+                          v_head_source: str = convert.V_HEAD_FILE) -> PolicyModel:
+    """Build the policy for this rank and load HF weights into it (in-memory conversion).
+
+    Args:
+        src: the HF weights and config (its bos/eos/pad ids go to ``policy.hf_token_ids``).
+        model_cfg: dtype, spec, CoT head ``d`` and seed.
+        padded_vocab_size: embedding rows (default: :func:`pad_vocab_size` at the current TP).
+        v_head: a CoT head state dict to load (shapes checked), or None to keep the seeded init.
+        v_head_source: where ``v_head`` came from (named in errors).
+    """
     arch = arch_from_hf_config(src.config, src.path or "<model>")
     padded = padded_vocab_size or pad_vocab_size(arch.vocab_size, parallel.tp_size())
     policy = build_model_skeleton(arch, model_cfg, padded)
     convert.load_hf_into_gpt(policy.gpt, src, arch, parallel.tp_rank(), parallel.tp_size())
+    policy.hf_token_ids = convert.hf_token_ids(src.config)
     if v_head is not None:
-        with torch.no_grad():
-            for k, v in v_head.items():
-                policy.cot_head.get_parameter(k).copy_(v)
+        load_v_head_(policy, v_head, v_head_source)
     return policy
 
 
@@ -104,9 +134,11 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: ParallelConfig | None = N
         arch = arch_from_tiny(model_cfg.tiny, vocab_size)
         hf = make_tiny_hf_model(arch, model_cfg.seed)
         policy = policy_from_hf_source(convert.HFSource.from_model(hf), model_cfg)
+        policy.hf_token_ids = {}  # transformers' config defaults, not the tokenizer's ids
     elif model_cfg.source == "hf":
         src = convert.HFSource.open(model_cfg.path)
-        policy = policy_from_hf_source(src, model_cfg, v_head=convert.read_v_head(model_cfg.path))
+        policy = policy_from_hf_source(src, model_cfg, v_head=convert.read_v_head(model_cfg.path),
+                                       v_head_source=convert.v_head_path(model_cfg.path))
     elif model_cfg.source == "mcore":
         policy = load_policy_checkpoint(model_cfg.path, model_cfg)
     else:
@@ -133,6 +165,18 @@ def build_reference(model_cfg: ModelConfig, parallel_cfg: ParallelConfig | None 
 # Megatron checkpoints (model only; the trainer adds the optimizer under its own key)
 
 
+def checkpoint_info(policy: PolicyModel) -> dict[str, Any]:
+    """The ``carft_arch.json`` fields every checkpoint of ``policy`` carries besides the architecture.
+
+    ``cot_proj_dim`` (rebuilds the head), ``dtype`` (the weights' dtype name: the HF export keeps
+    it) and ``hf_token_ids`` (the source model's bos/eos/pad ids: the HF export's ``config.json``
+    needs them, the transformers defaults are Llama-2's).
+    """
+    names = {v: k for k, v in DTYPES.items()}
+    return {"cot_proj_dim": policy.cot_head.proj.out_features, "dtype": names[policy.config.params_dtype],
+            "hf_token_ids": dict(policy.hf_token_ids)}
+
+
 def save_policy_checkpoint(policy: PolicyModel, ckpt_dir: str | os.PathLike, *,
                            tokenizer_src: str | None = None, extra: dict[str, Any] | None = None) -> None:
     """Save the policy weights as a dist_checkpointing directory plus ``carft_arch.json``.
@@ -145,7 +189,7 @@ def save_policy_checkpoint(policy: PolicyModel, ckpt_dir: str | os.PathLike, *,
         ckpt_dir: created; must be empty or missing.
         tokenizer_src: HF directory / GGUF file / tokenizer directory copied into
             ``ckpt_dir/tokenizer`` (rank 0).
-        extra: extra JSON fields (HF token ids, the source path).
+        extra: extra JSON fields (the source path ...); they override :func:`checkpoint_info`'s.
     """
     from megatron.core import dist_checkpointing
 
@@ -162,7 +206,7 @@ def save_policy_checkpoint(policy: PolicyModel, ckpt_dir: str | os.PathLike, *,
             tok = TOKENIZER_SUBDIR if convert.save_tokenizer(tokenizer_src, os.path.join(ckpt_dir, TOKENIZER_SUBDIR)) \
                 else None
         write_arch_json(ckpt_dir, policy.arch, policy.padded_vocab_size, tok,
-                        dict(extra or {}, cot_proj_dim=policy.cot_head.proj.out_features))
+                        {**checkpoint_info(policy), **(extra or {})})
     dist.barrier()
 
 
@@ -187,6 +231,7 @@ def load_policy_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) 
                          f"{ckpt_dir} has a CoT head with d={d}")
     policy = build_model_skeleton(arch, model_cfg, padded)
     load_policy_weights(policy, ckpt_dir)
+    policy.hf_token_ids = dict(info.get("hf_token_ids") or {})
     return policy
 
 
@@ -203,12 +248,16 @@ def export_hf(policy: PolicyModel, out_dir: str | os.PathLike, *, tokenizer_dir:
               dtype: torch.dtype | None = None, config_extra: dict | None = None) -> None:
     """Write the policy as an HF directory (+ ``v_head.safetensors``); collective over TP.
 
-    Rank 0 of the world writes; other ranks only take part in the TP gather.
+    Rank 0 of the world writes; other ranks only take part in the TP gather. Without
+    ``config_extra`` the config's bos/eos/pad ids are ``policy.hf_token_ids``, else the
+    tokenizer's (see ``convert.export_token_ids``).
     """
     import torch.distributed as dist
 
     full = convert.gather_gpt_state_dict(policy.gpt, policy.arch, policy.tp_group)
     if dist.get_rank() == 0:
+        if config_extra is None:
+            config_extra = convert.export_token_ids(policy.hf_token_ids, tokenizer_dir)
         hf_sd = convert.megatron_to_hf_state_dict(full, policy.arch)
         convert.save_hf_checkpoint(out_dir, hf_sd, policy.arch, dtype=dtype,
                                    v_head={k: v.detach().cpu() for k, v in policy.cot_head.state_dict().items()},
@@ -217,5 +266,6 @@ def export_hf(policy: PolicyModel, out_dir: str | os.PathLike, *, tokenizer_dir:
 
 
 __all__ = ["build_policy", "build_reference", "make_tiny_hf_model", "build_model_skeleton",
-           "policy_from_hf_source", "save_policy_checkpoint", "load_policy_weights", "load_policy_checkpoint",
+           "policy_from_hf_source", "load_v_head_", "checkpoint_info", "save_policy_checkpoint",
+           "load_policy_weights", "load_policy_checkpoint",
            "tokenizer_dir_of", "export_hf", "TOKENIZER_SUBDIR"]

@@ -13,8 +13,10 @@ ever holds one full layer tensor plus its own shards.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
+import warnings
 from typing import Callable, Iterable
 
 import torch
@@ -275,6 +277,43 @@ def from_te_name(name: str) -> str:
 # HF sources
 
 
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def weight_files(hf_dir: str) -> list[str]:
+    """The safetensors files holding an HF directory's weights.
+
+    With ``model.safetensors.index.json`` only the files its ``weight_map`` lists (a directory may
+    hold stale or unrelated ``*.safetensors``); otherwise every ``*.safetensors`` except
+    ``v_head.safetensors``.
+    """
+    index = os.path.join(hf_dir, WEIGHTS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            try:
+                weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+        files = [os.path.join(hf_dir, n) for n in sorted(set(weight_map.values()))]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise FileNotFoundError(f"{index} lists missing weight files: {missing[:3]}")
+        return files
+    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    return [f for f in files if os.path.basename(f) != V_HEAD_FILE]
+
+
+def resolve_hf_path(path: str | os.PathLike) -> str:
+    """``path``, or the ``.gguf`` file inside it when it is a directory without safetensors weights
+    that holds exactly one ``.gguf`` file (so such a directory works wherever a GGUF file does)."""
+    path = os.fspath(path)
+    if os.path.isdir(path) and not weight_files(path):
+        ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
+        if len(ggufs) == 1:
+            return ggufs[0]
+    return path
+
+
 class HFSource:
     """Lazy access to the tensors of an HF checkpoint plus its config.
 
@@ -304,23 +343,20 @@ class HFSource:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "HFSource":
-        """Open an HF directory (safetensors) or a ``.gguf`` file."""
-        path = os.fspath(path)
+        """Open an HF directory (safetensors), a ``.gguf`` file, or a directory holding exactly one
+        ``.gguf`` file and no safetensors weights."""
+        path = resolve_hf_path(path)
         if path.endswith(".gguf"):
             return cls._open_gguf(path)
         if not os.path.isdir(path):
             raise FileNotFoundError(f"HF checkpoint {path!r}: not a directory or a .gguf file")
+        files = weight_files(path)
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors weights (and not exactly one .gguf file)")
+        from safetensors import safe_open
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(path)
-        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-        files = [f for f in files if os.path.basename(f) != V_HEAD_FILE]
-        if not files:
-            ggufs = sorted(glob.glob(os.path.join(path, "*.gguf")))
-            if len(ggufs) == 1:
-                return cls._open_gguf(ggufs[0])
-            raise FileNotFoundError(f"{path}: no *.safetensors weights (and not exactly one .gguf file)")
-        from safetensors import safe_open
 
         handles, where = [], {}
         for f in files:
@@ -346,7 +382,7 @@ def load_hf_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """
     from transformers import AutoModelForCausalLM
 
-    path = os.fspath(path)
+    path = resolve_hf_path(path)
     kw = dict(dtype=dtype, attn_implementation="eager")
     if path.endswith(".gguf"):
         return AutoModelForCausalLM.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path), **kw)
@@ -362,7 +398,7 @@ def load_tokenizer(src: str | os.PathLike):
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    src = os.fspath(src)
+    src = resolve_hf_path(src)
     try:
         if src.endswith(".gguf"):
             return AutoTokenizer.from_pretrained(os.path.dirname(src) or ".", gguf_file=os.path.basename(src))
@@ -387,7 +423,7 @@ def save_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike) -> str | 
     e.g. transformers picks the tokenizer class from ``config.json``); a GGUF's embedded
     tokenizer is loaded through transformers and saved.
     """
-    src = os.fspath(src)
+    src = resolve_hf_path(src)
     if not src.endswith(".gguf"):
         files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
         if not any(f in files for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
@@ -558,20 +594,62 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, hf_sd: dict[str, torch.Tensor
                 shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(out_dir, f))
 
 
-def read_v_head(hf_dir: str | os.PathLike) -> dict[str, torch.Tensor] | None:
-    """The CoT head saved beside an HF checkpoint (``v_head.safetensors``), or None."""
-    path = os.path.join(os.fspath(hf_dir), V_HEAD_FILE) if os.path.isdir(hf_dir) else None
-    if path is None or not os.path.exists(path):
-        return None
+def v_head_path(hf_path: str | os.PathLike) -> str:
+    """Where the CoT head of an HF directory or GGUF file lives: ``v_head.safetensors`` beside the weights."""
+    hf_path = os.fspath(hf_path)
+    folder = hf_path if os.path.isdir(hf_path) else os.path.dirname(hf_path)
+    return os.path.join(folder, V_HEAD_FILE)
+
+
+def read_v_head(hf_path: str | os.PathLike) -> dict[str, torch.Tensor] | None:
+    """The CoT head saved with an HF checkpoint, or None.
+
+    Read from ``v_head.safetensors`` beside the weights (in the directory, or next to a GGUF file);
+    failing that, from ``v_head.*`` tensors inside the weight files when all four are there. A
+    partial set there (TRL's value head has ``v_head.summary.*`` only) is ignored with a warning.
+    """
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return v_head_from_hf(load_file(path), path)
+    path = v_head_path(hf_path)
+    if os.path.exists(path):
+        return v_head_from_hf(load_file(path), path)
+    if not os.path.isdir(hf_path):
+        return None
+    found = {}
+    for f in weight_files(os.fspath(hf_path)):
+        with safe_open(f, framework="pt", device="cpu") as h:
+            found.update({k: h.get_tensor(k) for k in h.keys() if k.startswith("v_head.")})
+    if not found:
+        return None
+    if set(found) == set(V_HEAD_KEYS.values()):
+        return v_head_from_hf(found, os.fspath(hf_path))
+    warnings.warn(f"{hf_path}: the weight files hold {sorted(found)} but not the full CoT head "
+                  f"{sorted(V_HEAD_KEYS.values())}; ignored (the CoT head is initialised from the seed)",
+                  stacklevel=2)
+    return None
+
+
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def hf_token_ids(config) -> dict:
     """bos/eos/pad token ids of an HF config (for round-tripping ``config.json``)."""
-    return {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-            if getattr(config, k, None) is not None}
+    return {k: getattr(config, k) for k in TOKEN_ID_FIELDS if getattr(config, k, None) is not None}
+
+
+def export_token_ids(token_ids: dict | None, tokenizer_dir: str | None = None) -> dict:
+    """bos/eos/pad ids for an exported ``config.json``: every field of :data:`TOKEN_ID_FIELDS`.
+
+    ``token_ids`` (the source model's, carried in ``carft_arch.json``) win; without them the ids
+    of the tokenizer in ``tokenizer_dir``; a field neither gives is None. It must be None
+    explicitly: the transformers config classes would otherwise fill in their defaults (Llama's
+    bos 1 / eos 2, wrong for Llama-3 and SmolLM2).
+    """
+    if token_ids:
+        return {k: token_ids.get(k) for k in TOKEN_ID_FIELDS}
+    tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
+    return {k: getattr(tok, k, None) if tok is not None else None for k in TOKEN_ID_FIELDS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,7 +671,8 @@ def convert_hf_to_megatron(hf_path: str | os.PathLike, out_dir: str | os.PathLik
 
     Every rank converts its own TP shards in memory and dist_checkpointing writes them; the
     result loads at any TP (the vocabulary padding does not depend on TP). A ``v_head.safetensors``
-    beside the HF weights becomes the CoT head; otherwise the head is initialised from ``seed``.
+    beside the HF weights becomes the CoT head, and its ``proj.weight`` rows set ``d`` (then
+    ``cot_proj_dim`` is ignored); otherwise the head is initialised from ``seed``.
     """
     from carft_mega import parallel
     from carft_mega.config import ModelConfig
@@ -602,19 +681,22 @@ def convert_hf_to_megatron(hf_path: str | os.PathLike, out_dir: str | os.PathLik
     hf_path = os.fspath(hf_path)
     src = HFSource.open(hf_path)
     v_head = read_v_head(hf_path)
+    if v_head is not None:
+        cot_proj_dim = v_head["proj.weight"].shape[0]  # the head's own d
     model_cfg = ModelConfig(source="hf", path=hf_path, dtype=dtype, cot_proj_dim=cot_proj_dim, seed=seed)
-    policy = policy_from_hf_source(src, model_cfg, v_head=v_head)
+    policy = policy_from_hf_source(src, model_cfg, v_head=v_head, v_head_source=v_head_path(hf_path))
     save_policy_checkpoint(policy, out_dir, tokenizer_src=hf_path,
-                           extra={"hf_token_ids": hf_token_ids(src.config), "source": hf_path,
-                                  "cot_head": "loaded" if v_head is not None else f"init(seed={seed})",
-                                  "dtype": dtype, "saved_tp": parallel.tp_size()})
+                           extra={"source": hf_path, "saved_tp": parallel.tp_size(),
+                                  "cot_head": "loaded" if v_head is not None else f"init(seed={seed})"})
 
 
 def convert_megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
                            dtype: str | None = None) -> None:
     """Megatron checkpoint -> HF directory (config, model.safetensors, tokenizer files, v_head.safetensors).
 
-    Loads at the current TP (any TP works; the shards are gathered) and rank 0 writes.
+    Loads at the current TP (any TP works; the shards are gathered) and rank 0 writes. The
+    config's bos/eos/pad ids come from ``carft_arch.json`` (``hf_token_ids``), else from the
+    checkpoint's tokenizer, else stay unset (see :func:`export_token_ids`).
     """
     from carft_mega.config import ModelConfig
     from carft_mega.models.arch import read_arch_json
@@ -622,11 +704,13 @@ def convert_megatron_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLi
     from carft_mega.models.gpt import DTYPES
 
     info = read_arch_json(ckpt_dir)
+    # No attention runs on export: the local spec always builds (no Transformer Engine needed).
     model_cfg = ModelConfig(source="mcore", path=os.fspath(ckpt_dir), dtype=info.get("dtype", "fp32"),
-                            cot_proj_dim=info.get("cot_proj_dim", 64), kernels="ref")
+                            cot_proj_dim=info.get("cot_proj_dim", 64), kernels="ref", transformer_impl="local")
     policy = load_policy_checkpoint(ckpt_dir, model_cfg)
-    export_hf(policy, out_dir, tokenizer_dir=tokenizer_dir_of(ckpt_dir),
-              dtype=DTYPES[dtype] if dtype else None, config_extra=info.get("hf_token_ids") or {})
+    tokenizer_dir = tokenizer_dir_of(ckpt_dir)
+    export_hf(policy, out_dir, tokenizer_dir=tokenizer_dir, dtype=DTYPES[dtype] if dtype else None,
+              config_extra=export_token_ids(info.get("hf_token_ids"), tokenizer_dir))
 
 
 def _prompt_batch(prompts, tokenizer_src: str | None, vocab_size: int, seed: int = 0):
@@ -669,8 +753,9 @@ def compare_logits(hf_path: str | os.PathLike, ckpt_dir: str | os.PathLike | Non
     from carft_mega.models.policy import build_attention_mask, left_pad_position_ids, megatron_to_batch_major
 
     if policy is None:
+        # The local spec: the [B, 1, T, T] mask below is what it takes (TE wants a padding mask).
         policy = load_policy_checkpoint(ckpt_dir, ModelConfig(source="mcore", path=os.fspath(ckpt_dir),
-                                                              dtype="fp32", kernels="ref"))
+                                                              dtype="fp32", kernels="ref", transformer_impl="local"))
     if hf_model is None:
         hf_model = load_hf_model(hf_path, dtype=torch.float32)
     policy = policy.eval()
@@ -699,6 +784,7 @@ __all__ = [
     "concat_gate_up", "split_gate_up", "pad_vocab_rows", "strip_vocab_padding", "shard_for_tp",
     "merge_tp_shards", "megatron_keys", "to_te_name", "from_te_name", "hf_to_megatron_tensor",
     "load_hf_into_gpt", "gather_gpt_state_dict", "megatron_to_hf_state_dict", "save_hf_checkpoint",
-    "read_v_head", "v_head_to_hf", "v_head_from_hf", "load_hf_model", "load_tokenizer", "save_tokenizer", "hf_token_ids",
+    "read_v_head", "v_head_path", "v_head_to_hf", "v_head_from_hf", "load_hf_model", "load_tokenizer", "save_tokenizer",
+    "hf_token_ids", "export_token_ids", "TOKEN_ID_FIELDS", "weight_files", "resolve_hf_path", "WEIGHTS_INDEX",
     "convert_hf_to_megatron", "convert_megatron_to_hf", "compare_logits", "DEFAULT_PROMPTS",
 ]

@@ -168,6 +168,9 @@ class PolicyModel(torch.nn.Module):
         self.config = gpt.config
         self.model_type = gpt.model_type  # Megatron's schedules look these two up on the model
         self.arch = arch
+        self.hf_token_ids: dict[str, int] = {}
+        """bos/eos/pad ids of the HF model this policy came from (empty when unknown, e.g. tiny);
+        saved in ``carft_arch.json`` so an HF export gets them back."""
         device = gpt.embedding.word_embeddings.weight.device
         self.cot_head = CoTHead(arch.hidden_size, cot_proj_dim, seed=head_seed, dtype=self.config.params_dtype,
                                 device=device)

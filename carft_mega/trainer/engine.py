@@ -156,6 +156,7 @@ def save_engine(engine: Engine, ckpt_dir: str, tokenizer_dir: str | None = None)
     from megatron.core import dist_checkpointing
 
     from carft_mega.models.arch import write_arch_json
+    from carft_mega.models.build import checkpoint_info
     from carft_mega.models.megatron_compat import OPTIMIZER_SHARDING_METADATA
 
     policy = engine.policy
@@ -166,8 +167,8 @@ def save_engine(engine: Engine, ckpt_dir: str, tokenizer_dir: str | None = None)
     os.makedirs(os.path.join(ckpt_dir, "rng"), exist_ok=True)
     torch.save(rng_state(), os.path.join(ckpt_dir, "rng", f"rank{dist.get_rank():05d}.pt"))
     if dist.get_rank() == 0:
-        write_arch_json(ckpt_dir, policy.arch, policy.padded_vocab_size, tokenizer_dir,
-                        {"cot_proj_dim": policy.cot_head.proj.out_features})
+        # cot_proj_dim, dtype and the source's HF token ids: the HF export needs all three.
+        write_arch_json(ckpt_dir, policy.arch, policy.padded_vocab_size, tokenizer_dir, checkpoint_info(policy))
 
 
 def load_engine(engine: Engine, ckpt_dir: str, restore_rng: bool = True) -> None:

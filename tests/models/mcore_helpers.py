@@ -63,12 +63,14 @@ CONVERSION_CASES = [  # (name, arch kwargs): Llama and Qwen2, tied and untied, G
 ]
 
 
-def tiny_hf_model(arch, seed: int = 0):
-    """A random HF model of ``arch`` with *every* tensor random (norm weights and biases too), fp32, eager."""
+def tiny_hf_model(arch, seed: int = 0, config=None):
+    """A random HF model of ``arch`` (or of the HF ``config``) with *every* tensor random (norm weights
+    and biases too), fp32, eager."""
     from transformers import AutoModelForCausalLM
 
     g = torch.Generator().manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(arch.to_hf_config(), dtype=torch.float32, attn_implementation="eager")
+    config = arch.to_hf_config() if config is None else config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):

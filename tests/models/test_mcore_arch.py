@@ -42,20 +42,58 @@ def test_mistral_sliding_window_and_explicit_head_dim():
     assert a.family == "mistral" and a.sliding_window == 4096 and a.head_dim == 48 and not a.qkv_bias
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_hf_config_round_trip(family):
+@pytest.mark.parametrize("family,window", [("llama", None), ("qwen2", None), ("qwen2", 64), ("mistral", 64)])
+def test_hf_config_round_trip(family, window):
     a = ArchSpec(family=family, hidden_size=96, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=16,
                  ffn_hidden_size=160, vocab_size=777, max_position_embeddings=300, rope_theta=5e5, rms_norm_eps=1e-6,
-                 qkv_bias=family == "qwen2", tie_embeddings=family != "llama",
-                 sliding_window=64 if family == "mistral" else None)
-    assert arch_from_hf_config(a.to_hf_config()) == a
+                 qkv_bias=family == "qwen2", tie_embeddings=family != "llama", sliding_window=window)
+    cfg = a.to_hf_config()
+    assert arch_from_hf_config(cfg) == a
+    if family == "qwen2":  # what HF itself will do with the exported config
+        want = "sliding_attention" if window else "full_attention"
+        assert cfg.layer_types == [want] * 3 and cfg.sliding_window == window
+
+
+def _qwen2(n_layers=4, **kw):
+    return transformers.Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers,
+                                    num_attention_heads=4, num_key_value_heads=2, **kw)
+
+
+def test_qwen2_sliding_window_follows_hf_layer_rule():
+    """HF Qwen2 windows layer i iff use_sliding_window and i >= max_window_layers (v5: layer_types)."""
+    on = dict(use_sliding_window=True, sliding_window=3)
+    assert arch_from_hf_config(_qwen2(**on, max_window_layers=0)).sliding_window == 3  # every layer windowed
+    assert arch_from_hf_config(_qwen2(**on, max_window_layers=4)).sliding_window is None  # no layer windowed
+    assert arch_from_hf_config(_qwen2(**on, max_window_layers=28)).sliding_window is None  # HF's default value
+    assert arch_from_hf_config(_qwen2(sliding_window=3, max_window_layers=0)).sliding_window is None  # switched off
+    with pytest.raises(ValueError, match=r"my/q: Qwen2 layer_types .*max_window_layers = 2.*layers \[2, 3\] of 4"):
+        arch_from_hf_config(_qwen2(**on, max_window_layers=2), "my/q")
+    explicit = _qwen2(**on, layer_types=["sliding_attention"] * 4)
+    assert arch_from_hf_config(explicit).sliding_window == 3
+    with pytest.raises(ValueError, match="layer_types"):
+        arch_from_hf_config(_qwen2(**on, layer_types=["full_attention", "sliding_attention"] * 2))
+
+
+def test_qwen2_sliding_window_without_layer_types():
+    """transformers v4 configs may lack layer_types: the rule is read from max_window_layers."""
+    import types
+
+    base = _qwen2().to_dict()
+    for first, want in ((0, 5), (4, None), (1, ValueError)):
+        cfg = types.SimpleNamespace(**{**base, "layer_types": None, "use_sliding_window": True, "sliding_window": 5,
+                                       "max_window_layers": first, "rope_theta": 1e4, "rope_parameters": None})
+        if want is ValueError:
+            with pytest.raises(ValueError, match="max_window_layers"):
+                arch_from_hf_config(cfg)
+        else:
+            assert arch_from_hf_config(cfg).sliding_window == want
 
 
 def test_unsupported_configs_name_the_source():
     with pytest.raises(NotImplementedError, match="my/dir: model_type 'gpt2'"):
         arch_from_hf_config(transformers.GPT2Config(), "my/dir")
     scaled = transformers.LlamaConfig(rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0})
-    with pytest.raises(NotImplementedError, match="RoPE scaling type 'linear'"):
+    with pytest.raises(NotImplementedError, match="RoPE scaling type 'linear' .*'rope_scaling'"):
         arch_from_hf_config(scaled)
     with pytest.raises(NotImplementedError, match="attention_bias"):
         arch_from_hf_config(transformers.LlamaConfig(attention_bias=True))

@@ -122,6 +122,50 @@ def test_mistral_sliding_window_matches_hf(tp1):
         assert (full - out.logp)[mask].abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("max_window_layers", [0, 2])  # 0: every layer windowed; 2 = num_layers: none
+def test_qwen2_sliding_window_matches_hf(tp1, tmp_path, max_window_layers):
+    """Qwen2 with use_sliding_window=True and a 3-token window on 13-token rows: the converted model
+    windows exactly the layers HF windows, and the HF export keeps that."""
+    import transformers
+
+    from carft_mega.models.arch import arch_from_hf_config
+    from carft_mega.models.build import policy_from_hf_source
+    from carft_mega.models.policy import build_attention_mask, left_pad_position_ids
+
+    base = tiny_arch("qwen2", tied=False).to_hf_config().to_dict()
+    cfg = transformers.Qwen2Config.from_dict({**base, "use_sliding_window": True, "sliding_window": 3,
+                                              "max_window_layers": max_window_layers, "layer_types": None})
+    hf = tiny_hf_model(None, seed=6, config=cfg)
+    arch = arch_from_hf_config(cfg)
+    assert arch.sliding_window == (3 if max_window_layers == 0 else None)
+    pol = policy_from_hf_source(convert.HFSource.from_model(hf), model_cfg())
+    tokens, mask, _, _ = policy_inputs(seed=4)  # T = 13 > window; rows left-padded by 0, 1, 5, 12
+
+    def megatron_logits(window):
+        pos = left_pad_position_ids(mask)
+        h = pol.trunk(tokens, position_ids=pos, attention_mask=build_attention_mask(mask, sliding_window=window))
+        return pol.lm_logits(h, gather=True).transpose(0, 1)[..., :arch.vocab_size]  # (B, T, V)
+
+    def hf_logits(model):
+        pos = left_pad_position_ids(mask)
+        return model(input_ids=tokens, attention_mask=mask.long(), position_ids=pos).logits
+
+    with torch.no_grad():
+        want = hf_logits(hf)
+        err = (megatron_logits(arch.sliding_window) - want)[mask].abs().max().item()
+        assert err <= 1e-4, f"max|dlogit| = {err:.2e}"
+        other = 3 if arch.sliding_window is None else None  # the wrong reading of the config is visible
+        assert (megatron_logits(other) - want)[mask].abs().max().item() > 1e-3
+
+        # Export (Megatron -> HF directory) and reload with transformers: same attention pattern.
+        back = convert.megatron_to_hf_state_dict(convert.gather_gpt_state_dict(pol.gpt, arch, pol.tp_group), arch)
+        convert.save_hf_checkpoint(tmp_path, back, arch)
+        reloaded = convert.load_hf_model(str(tmp_path)).eval()
+        assert arch_from_hf_config(reloaded.config) == arch
+        err = (hf_logits(reloaded) - want)[mask].abs().max().item()
+        assert err <= 1e-6, f"exported model: max|dlogit| = {err:.2e}"
+
+
 def test_v_head_names_round_trip():
     sd = {"proj.weight": torch.randn(4, 6), "proj.bias": torch.randn(4), "summary.weight": torch.randn(1, 4),
           "summary.bias": torch.randn(1)}
@@ -144,3 +188,46 @@ def test_load_rejects_mismatched_checkpoint(tp1):
         convert.load_hf_into_gpt(pol.gpt, convert.HFSource.from_model(hf), arch, 0, 1)
     with pytest.raises(KeyError, match="not found in the HF checkpoint"):
         convert.HFSource(hf.config, lambda n: None, set(), "some/dir").get("model.norm.weight")
+
+
+def test_directory_with_one_gguf_file(smollm2_gguf, tmp_path, monkeypatch):
+    """A directory holding one .gguf and no safetensors works like the .gguf file itself (weights,
+    tokenizer, v_head.safetensors beside it). The dequantising load is stubbed to keep this cheap."""
+    link = tmp_path / "model.gguf"
+    link.symlink_to(smollm2_gguf)
+    assert convert.resolve_hf_path(tmp_path) == str(link)
+    opened = []
+    monkeypatch.setattr(convert.HFSource, "_open_gguf", classmethod(lambda cls, p: opened.append(p) or "src"))
+    assert convert.HFSource.open(tmp_path) == "src" and opened == [str(link)]
+    tok = convert.load_tokenizer(tmp_path)
+    assert tok is not None and len(tok) == 49152
+    assert convert.read_v_head(tmp_path) is None and convert.read_v_head(link) is None
+    head = {"proj.weight": torch.randn(4, 576), "proj.bias": torch.randn(4), "summary.weight": torch.randn(1, 4),
+            "summary.bias": torch.randn(1)}
+    from safetensors.torch import save_file
+
+    save_file(convert.v_head_to_hf(head), str(tmp_path / convert.V_HEAD_FILE))
+    for where in (tmp_path, link):  # the directory, and the .gguf file with the head beside it
+        got = convert.read_v_head(where)
+        assert got is not None and all(torch.equal(got[k], head[k]) for k in head)
+    (tmp_path / "other.gguf").symlink_to(smollm2_gguf)  # two files: no longer a GGUF directory
+    assert convert.resolve_hf_path(tmp_path) == str(tmp_path)
+
+
+def test_sharded_directory_reads_only_the_indexed_files(tmp_path):
+    """With model.safetensors.index.json only the listed shards are read (a stale extra file is ignored)."""
+    from safetensors.torch import save_file
+
+    hf = tiny_hf_model(tiny_arch("llama", tied=False), seed=1)
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / convert.WEIGHTS_INDEX).exists()
+    save_file({"model.norm.weight": torch.zeros(64), "stray.weight": torch.zeros(2)},
+              str(tmp_path / "zz-stale.safetensors"))
+    src = convert.HFSource.open(tmp_path)
+    sd = hf.state_dict()
+    assert src.names == set(sd)
+    assert all(torch.equal(src.get(k), sd[k]) for k in sd)
+    index = (tmp_path / convert.WEIGHTS_INDEX).read_text()
+    (tmp_path / convert.WEIGHTS_INDEX).write_text(index.replace("model-00001-of", "gone-00001-of"))
+    with pytest.raises(FileNotFoundError, match="lists missing weight files"):
+        convert.HFSource.open(tmp_path)

@@ -180,6 +180,41 @@ def test_build_policy_from_hf_dir_loads_v_head(tp1, tmp_path):
         build_policy(model_cfg(source="hf", path=str(tmp_path / "nope")))
 
 
+def test_v_head_shape_is_checked(tp1, tmp_path):
+    """A saved head of another d (or hidden size) is refused, naming model.cot_proj_dim and the file;
+    before, a d=1 head broadcast silently into every row of a d=16 head."""
+    from safetensors.torch import save_file
+
+    arch = tiny_arch("llama", tied=True)
+    tiny_hf_model(arch, seed=9).save_pretrained(tmp_path)
+    for d, hidden in ((1, 64), (8, 64), (16, 32)):
+        head = {"proj.weight": torch.randn(d, hidden), "proj.bias": torch.randn(d),
+                "summary.weight": torch.randn(1, d), "summary.bias": torch.randn(1)}
+        save_file(convert.v_head_to_hf(head), str(tmp_path / convert.V_HEAD_FILE))
+        with pytest.raises(ValueError, match=r"v_head\.safetensors: CoT head tensor proj\.weight has shape .*"
+                                             r"'model\.cot_proj_dim' = 16"):
+            build_policy(model_cfg(source="hf", path=str(tmp_path)))
+
+
+def test_v_head_inside_the_weight_files(tp1, tmp_path):
+    """TRL-style v_head.* tensors stored in model.safetensors: read when the whole head is there,
+    ignored with a warning when not (TRL's own value head has no proj)."""
+    from safetensors.torch import load_file, save_file
+
+    arch = tiny_arch("llama", tied=True)
+    tiny_hf_model(arch, seed=9).save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    head = {"proj.weight": torch.randn(16, 64), "proj.bias": torch.randn(16), "summary.weight": torch.randn(1, 16),
+            "summary.bias": torch.randn(1)}
+    save_file({**weights, **convert.v_head_to_hf(head)}, str(tmp_path / "model.safetensors"))
+    pol = build_policy(model_cfg(source="hf", path=str(tmp_path)))
+    assert all(torch.equal(pol.cot_head.state_dict()[k], head[k]) for k in head)
+    trl = {"v_head.summary.weight": torch.randn(1, 64), "v_head.summary.bias": torch.randn(1)}
+    save_file({**weights, **trl}, str(tmp_path / "model.safetensors"))
+    with pytest.warns(UserWarning, match="not the full CoT head"):
+        assert convert.read_v_head(tmp_path) is None
+
+
 def test_full_recompute_gives_the_same_gradients(tp1):
     """model.recompute_activations=True (Megatron full recompute, CPU RNG tracker) changes nothing."""
     arch = tiny_arch("llama", tied=False)

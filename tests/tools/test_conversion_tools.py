@@ -119,3 +119,59 @@ def test_bf16_conversion_in_process(tp1, hf_dir, tmp_path):
     convert_megatron_to_hf(tmp_path / "ck", tmp_path / "back")
     src, got = load_file(str(hf_dir / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
     assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], src[k].to(torch.bfloat16)) for k in src)
+
+
+def test_convert_takes_d_from_the_saved_head(tp1, hf_dir, tmp_path):
+    """The hf_dir head has d = 64: --cot-proj-dim only applies to a freshly initialised head."""
+    from carft_mega.models.convert import convert_hf_to_megatron
+
+    convert_hf_to_megatron(hf_dir, tmp_path / "ck", cot_proj_dim=16)
+    info = json.loads((tmp_path / "ck" / "carft_arch.json").read_text())
+    assert info["cot_proj_dim"] == 64 and info["cot_head"] == "loaded"
+    assert info["hf_token_ids"] == {"bos_token_id": 1, "eos_token_id": 2} and info["dtype"] == "fp32"
+
+
+def test_trainer_checkpoint_exports_token_ids_and_dtype(tp1, tmp_path):
+    """save_engine (the trainer's checkpoint) -> convert_megatron_to_hf keeps the source's bos/eos/pad
+    ids and the bf16 dtype. A checkpoint without ids takes its tokenizer's, else leaves them unset
+    (never transformers' Llama defaults bos 1 / eos 2)."""
+    from transformers import AutoConfig
+
+    from carft_mega.config import OptimConfig
+    from carft_mega.models.build import build_policy
+    from carft_mega.models.convert import convert_megatron_to_hf
+    from carft_mega.trainer.engine import build_engine, save_engine
+    from tests.models.mcore_helpers import model_cfg
+
+    src = tmp_path / "hf"
+    hf = tiny_hf_model(tiny_arch("llama", tied=True), seed=3)
+    hf.config.bos_token_id, hf.config.eos_token_id, hf.config.pad_token_id = 5, 7, 9
+    hf.save_pretrained(src)
+    policy = build_policy(model_cfg(source="hf", path=str(src), dtype="bf16"))
+    engine = build_engine(policy, OptimConfig(), peak_lr=1e-4, schedule="constant", warmup_ratio=0.0, total_steps=1,
+                          distributed_optimizer=False)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_engine(engine, str(ckpt))
+    convert_megatron_to_hf(ckpt, tmp_path / "out")
+    cfg = AutoConfig.from_pretrained(tmp_path / "out")
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (5, 7, 9)
+    assert cfg.dtype == torch.bfloat16
+    got, want = load_file(str(tmp_path / "out" / "model.safetensors")), hf.state_dict()
+    assert all(got[k].dtype == torch.bfloat16 and torch.equal(got[k], want[k].bfloat16()) for k in got)
+
+    # An older checkpoint without the ids: none from the tokenizer-less checkpoint ...
+    info = json.loads((ckpt / "carft_arch.json").read_text())
+    del info["hf_token_ids"]
+    (ckpt / "carft_arch.json").write_text(json.dumps(info))
+    convert_megatron_to_hf(ckpt, tmp_path / "out2")
+    cfg = AutoConfig.from_pretrained(tmp_path / "out2")
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (None, None, None)
+    # ... and its tokenizer's when it has one.
+    tok = tiny_tokenizer()
+    tok.bos_token, tok.eos_token, tok.pad_token = "w2", "w3", "w4"  # ids 5, 6, 7
+    tok.save_pretrained(ckpt / "tokenizer")
+    (ckpt / "carft_arch.json").write_text(json.dumps({**info, "tokenizer": "tokenizer"}))
+    convert_megatron_to_hf(ckpt, tmp_path / "out3")
+    cfg = AutoConfig.from_pretrained(tmp_path / "out3")
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (5, 6, 7)
