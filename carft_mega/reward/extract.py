@@ -3,9 +3,11 @@
 nl: the text after the last ``"Therefore, the answer is:"`` (ReFT splits on
 ``"\\nTherefore, the answer is: "``; we also accept the trigger without its leading newline, e.g. at
 the very start of a generation), first line only. ReFT then calls ``float()``, so ``"1,000"`` or
-``"$18"`` scored None (authors_code.md Sec. 6); we strip ``$``, thousands separators, a trailing
-period, enclosing ``<...>``, spaces, and accept a unicode minus. What is left must be a plain decimal
-number (no units, no exponent, no nan/inf), else None. Without a trigger the result is None.
+``"$18"`` scored None (authors_code.md Sec. 6); we strip ``$``, a trailing period, enclosing
+``<...>``, spaces after a sign or around ``$``, a comma or space between digits before a group of
+three (``"1,000"``, ``"1 000"``; but ``"3 4"`` stays two numbers), and accept a unicode minus. What is
+left must be a plain decimal number (no units, no exponent, no nan/inf), else None. Without a trigger
+the result is None.
 
 python: the text is a full program (``templates.program_from_generation``); its ``solution()`` runs
 in the sandbox and a finite numeric return value is the answer.
@@ -21,7 +23,8 @@ from .sandbox import Sandbox, default_sandbox
 
 _TRIGGER = ANSWER_TRIGGER.strip()  # "Therefore, the answer is:"
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_THOUSANDS = re.compile(r"(?<=\d)(?:,|\s)(?=\d{3}(?!\d))")
+_SIGN_SPACE = re.compile(r"(?<=[+\-$])\s+|\s+(?=\$)")  # "- 5", "$ 18", "- $5"
 
 
 def parse_number(text: str) -> float | None:
@@ -34,7 +37,7 @@ def parse_number(text: str) -> float | None:
         s = s.strip()
         if s.startswith("<") and s.endswith(">"):
             s = s[1:-1]
-    s = re.sub(r"\s+", "", s).replace("$", "")
+    s = _SIGN_SPACE.sub("", s).replace("$", "")
     s = _THOUSANDS.sub("", s)
     if not _NUMBER.fullmatch(s):
         return None

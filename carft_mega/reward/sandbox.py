@@ -1,10 +1,12 @@
 """A pool of sandbox workers that run model-written ``solution()`` programs (python-style CoT).
 
 Model-written code is hostile input (DESIGN.md Sec. 5). The pool starts ``workers`` long-lived
-processes once (``python -I`` with a minimal environment, in their own session); each program runs
-in a child forked from a worker, with a wall-clock timeout, rlimits, a throwaway directory, no
-network, dropped privileges when root, and an audit hook (see ``_sandbox_worker.py`` for the
-layers and ``Sandbox.layers`` for the ones active on this machine). Anything a program does
+processes once (``python -I`` with a minimal environment, in their own session and, when root or
+with user namespaces, their own network, PID and mount namespaces: no network, no other process
+visible, a read-only filesystem); each program runs in a child forked from a worker, with a
+wall-clock timeout, rlimits, a throwaway directory, dropped privileges when root, and an audit hook
+(see ``_sandbox_worker.py`` for the layers and ``Sandbox.layers`` for the ones active on this
+machine). Anything a program does
 (exceptions, loops, fork/memory bombs, sockets, writes outside its directory, killing itself)
 yields None for that program; a worker that dies anyway is replaced.
 
@@ -23,14 +25,26 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections import deque
 from typing import NamedTuple, Sequence
 
-from ._sandbox_worker import DEFAULT_PRELOAD
+from ._sandbox_worker import DEFAULT_LAZY_PRELOAD, DEFAULT_PRELOAD
 
 _WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_worker.py")
 _START_TIMEOUT = 60.0  # seconds for a worker to start (imports of the preloaded modules)
 _HANG_GRACE = 10.0  # a worker that overruns a job's timeout by this much is killed and replaced
+_warned: set[str] = set()  # worker set-up problems already warned about (once per process)
+
+
+def _warn_once(errors: dict) -> None:
+    """Warn about what makes programs fail for reasons of the machine, not of the program."""
+    for key, text in errors.items():
+        if (key == "stdlib" or key.startswith("preload ")) and key not in _warned:
+            _warned.add(key)
+            what = "skipped" if key.startswith("preload ") else "limited"
+            warnings.warn(f"sandbox: {key}: {text} ({what}; programs that need it score None)", RuntimeWarning,
+                          stacklevel=4)
 
 
 class SandboxResult(NamedTuple):
@@ -73,6 +87,7 @@ class _Worker:
             raise RuntimeError(f"sandbox worker failed to start (exit code {self.proc.poll()})")
         self.info = json.loads(line)
         self.pid = self.proc.pid
+        _warn_once(self.info.get("errors", {}))
         if "memory_mb" in self.info.get("errors", {}):
             self.close()
             raise ValueError(self.info["errors"]["memory_mb"])
@@ -148,18 +163,27 @@ class Sandbox:
         cpu_seconds: RLIMIT_CPU per program.
         memory_mb: RLIMIT_AS per program, MiB (must exceed a worker's ~30 MiB address space).
         fsize_mb: RLIMIT_FSIZE per program, MiB.
-        preload: modules imported once per worker and visible to programs as globals (ReFT prepends
-            ``import math``). Add ``"sympy"`` for programs that use it: a program runs as ``nobody``
-            when the trainer is root and may be unable to import from a root-only interpreter tree.
-        drop_privileges: when running as root, run programs as ``nobody``.
-        isolate: new network (and mount) namespace per worker when the OS allows it.
-        private_tmp: private tmpfs on /tmp, /var/tmp, /dev/shm inside the worker's mount namespace.
+        preload: modules imported once per worker; ``math`` and ``sympy`` are also visible to programs
+            as globals (ReFT prepends ``import math`` / ``import sympy``). A program runs as ``nobody``
+            when the trainer is root and may be unable to import anything else from a root-only
+            interpreter tree (warned once). A module that is not installed is skipped with a warning.
+        lazy_preload: modules a worker imports before the first program whose text names them
+            (default sympy: it makes every fork 2-3x slower, so workers load it only once needed).
+        drop_privileges: when running as root, run programs as ``nobody`` (else as root without
+            capabilities).
+        isolate: new network and PID (and mount) namespaces per worker when the OS allows it.
+        private_tmp: with ``isolate``, a mount namespace per worker: read-only filesystem, private
+            /tmp (only the programs' own directories writable), empty /var/tmp, /dev/shm, /run/lock,
+            /proc of the worker's PID namespace only.
         max_program_chars: longer programs are rejected without running.
+        audit_hook: install the audit hook in programs. Turn it off only to test the OS layers alone.
     """
 
     def __init__(self, workers: int = 2, timeout: float = 10.0, cpu_seconds: int = 5, memory_mb: int = 1024,
-                 *, fsize_mb: int = 16, preload: Sequence[str] = DEFAULT_PRELOAD, drop_privileges: bool = True,
-                 isolate: bool = True, private_tmp: bool = True, max_program_chars: int = 100_000):
+                 *, fsize_mb: int = 16, preload: Sequence[str] = DEFAULT_PRELOAD,
+                 lazy_preload: Sequence[str] = DEFAULT_LAZY_PRELOAD, drop_privileges: bool = True,
+                 isolate: bool = True, private_tmp: bool = True, max_program_chars: int = 100_000,
+                 audit_hook: bool = True):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if timeout <= 0:
@@ -173,8 +197,9 @@ class Sandbox:
         self.timeout = float(timeout)
         self.max_program_chars = max_program_chars
         self._config = {"cpu_seconds": int(cpu_seconds), "memory_mb": int(memory_mb), "fsize_mb": int(fsize_mb),
-                        "preload": list(preload), "drop_privileges": bool(drop_privileges),
-                        "isolate": bool(isolate), "private_tmp": bool(private_tmp)}
+                        "preload": list(preload), "lazy_preload": list(lazy_preload),
+                        "drop_privileges": bool(drop_privileges), "isolate": bool(isolate),
+                        "private_tmp": bool(private_tmp), "audit_hook": bool(audit_hook)}
         self._lock = threading.Lock()
         self._owner = os.getpid()
         self._closed = False
@@ -268,8 +293,8 @@ class Sandbox:
                     if line is not None:
                         results[i] = self._parse_reply(line)
                     elif eof:
-                        # A program cannot reach its worker (separate process, other uid), so this is
-                        # an outside event: run the program once more on a fresh worker.
+                        # A program cannot reach its worker (separate process, other uid, pid 1 of
+                        # its PID namespace), so this is an outside event: run the program once more on a fresh worker.
                         self._replace(slot)
                         if i in retried:
                             results[i] = SandboxResult(None, "worker_died", "the worker exited twice", 0.0)

@@ -48,6 +48,11 @@ T = "\nTherefore, the answer is: "
     (T + "5 pens", None),
     (T + "5 or 6", None),
     (T + "1,2", None),  # not a thousands separator
+    (T + "3 4", None),  # two numbers, not 34
+    (T + "1 2345", None),
+    (T + "1 000", 1000.0),  # a space as thousands separator
+    (T + "12 345.5", 12345.5),
+    (T + "$ 18", 18.0),
     (T + "12,34", None),
     (T + "1e3", None),
     (T + "nan", None),
