@@ -255,6 +255,16 @@ def _become_pid1(prctl):
     os.close(alive_r)
 
 
+def _interpreter_paths_under(top):
+    """Directories of this interpreter (prefix, sys.path entries) inside ``top``, outermost only."""
+    found = []
+    for p in sorted({os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, *sys.path) if p}):
+        inside = p == top or p.startswith(top.rstrip("/") + "/")
+        if inside and p != top and os.path.isdir(p) and not any(p.startswith(q + "/") for q in found):
+            found.append(p)
+    return found
+
+
 def _private_fs(ctypes, libc, pidns, layers, errors):
     """In the new mount namespace: the whole tree read-only, a private /tmp (root-owned 0755, the
     workers' directories go there), empty read-only tmpfs over the other world-writable directories,
@@ -283,11 +293,30 @@ def _private_fs(ctypes, libc, pidns, layers, errors):
         except (OSError, IndexError, UnicodeDecodeError) as e:
             errors["read_only_fs"] = str(e)
     layers["read_only_fs"] = ro
+    # The interpreter's own trees under /tmp (a venv made with `mktemp -d`, as CI does) must stay
+    # importable once the private /tmp hides them: hold them by O_PATH descriptors, then bind them
+    # back, read-only, at the same paths inside the new /tmp.
+    held = {}
+    for path in _interpreter_paths_under("/tmp"):
+        try:
+            held[path] = os.open(path, os.O_PATH | os.O_DIRECTORY)
+        except OSError as e:
+            errors[f"keep {path}"] = str(e)
     try:
         mount(b"tmpfs", "/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, b"size=64m,mode=0755")
         layers["private_tmp"] = True
     except OSError as e:
         errors["tmpfs /tmp"] = str(e)
+    for path, fd in held.items():
+        try:
+            if layers["private_tmp"]:
+                os.makedirs(path, mode=0o755, exist_ok=True)
+                mount(f"/proc/self/fd/{fd}".encode(), path, None, _MS_BIND | _MS_REC)
+                mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+        except OSError as e:
+            errors[f"keep {path}"] = str(e)
+        finally:
+            os.close(fd)
     for d in ("/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue"):
         if os.path.isdir(d):
             try:

@@ -211,3 +211,35 @@ def test_missing_preload_module_is_skipped_with_a_warning():
             errors = pool.layers["errors"]
             assert "preload carft_no_such_module" in errors and "preload carft_no_such_lazy" in errors
             assert pool.run_programs([prog("return math.sqrt(16)")]) == [4.0]
+
+
+@needs_root
+def test_an_interpreter_under_tmp_keeps_its_packages(tmp_path, monkeypatch):
+    """CI's venv lives under /tmp (mktemp -d, mode 0700). The private /tmp must not hide it: the
+    worker binds the interpreter's trees back (read-only), so preloaded and lazily imported
+    packages from that venv still load, and programs still cannot write there."""
+    import venv
+
+    assert str(tmp_path).startswith("/tmp/")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(env_dir)
+    py = env_dir / "bin" / "python"
+    site_dir = subprocess.run([str(py), "-I", "-c", "import site; print(site.getsitepackages()[0])"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    assert site_dir.startswith(str(tmp_path))
+    token = uuid.uuid4().hex[:8]
+    with open(os.path.join(site_dir, f"carft_probe_{token}.py"), "w") as f:
+        f.write("VALUE = 17.5\n")
+    with open(os.path.join(site_dir, f"carft_lazy_{token}.py"), "w") as f:
+        f.write("VALUE = 4.25\n")
+    monkeypatch.setattr(sys, "executable", str(py))
+    with Sandbox(workers=1, timeout=5, preload=DEFAULT_PRELOAD + (f"carft_probe_{token}",),
+                 lazy_preload=(f"carft_lazy_{token}",)) as pool:
+        _check_layers(pool)
+        got = pool.run_programs([
+            prog(f"return carft_probe_{token}.VALUE", f"import carft_probe_{token}\n"),
+            prog(f"import carft_lazy_{token}\nreturn carft_lazy_{token}.VALUE"),
+            prog(f"open({site_dir + '/evil.py'!r}, 'w').write('x')\nreturn 1"),
+        ])
+    assert got == [17.5, 4.25, None]
+    assert not os.path.exists(os.path.join(site_dir, "evil.py"))
