@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/quickstart}
-# A fresh run each time (checkpoint.resume=none); pass checkpoint.resume=auto to continue one.
+# A fresh run each time (checkpoint.resume=none; an earlier run's checkpoints are moved, not
+# deleted, to $OUT/checkpoints.replaced-<time>/); pass checkpoint.resume=auto to continue one.
 exec ${PYTHON:-python} -m carft_mega.train --config examples/configs/quickstart.yaml out_dir="$OUT" \
   checkpoint.resume=none "$@"
