@@ -116,12 +116,12 @@ def main() -> None:
         def fused_whiten():
             out = advantages(*x, BETA, GAMMA, LAM, impl="triton")
             return whiten_from_moments(out.advantages, mask, *global_moments(
-                out.row_sum, out.row_sumsq, out.row_count), shift_mean=False)
+                out.row_sum, out.row_sumsq, out.row_count))
 
         def unfused_whiten():
             rew = kl_shaped_rewards(x[0], x[1], x[2], mask, BETA)
             adv, _ = compute_gae(rew, x[3], mask, GAMMA, LAM)
-            return masked_whiten(adv, mask, shift_mean=False)
+            return masked_whiten(adv, mask)
 
         cases = {"ref": lambda: advantages_ref(*x, BETA, GAMMA, LAM), "unfused+whiten": unfused_whiten}
         if has_kernel:

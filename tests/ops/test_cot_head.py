@@ -175,8 +175,9 @@ def test_all_masked_rows_and_no_grad(device):
         assert g is not None and torch.equal(g, torch.zeros_like(g))
 
 
-def test_auto_picks_reference_without_interpreter(monkeypatch):
-    """auto: CPU tensors without TRITON_INTERPRET -> the reference; with it (or on CUDA) -> the kernel."""
+def test_auto_picks_reference_on_cpu(monkeypatch):
+    """auto: CPU tensors -> the reference, with or without TRITON_INTERPRET (the interpreter is a
+    test tool); CUDA tensors -> the kernel; impl='triton' on CPU needs the interpreter."""
     calls = []
     real = op._kernels
     monkeypatch.setattr(op, "_kernels", lambda: calls.append(1) or real())
@@ -190,11 +191,14 @@ def test_auto_picks_reference_without_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         cot_head(h, *params, masks, impl="triton")
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cot_head(h, *params, masks)
+    assert calls == []
     if torch.cuda.is_available():
         h, params, masks = _inputs(2, 9, 32, 16, 2, torch.float32, "cuda")
+        cot_head(h, *params, masks)
     else:  # triton was imported in interpreter mode by conftest, so the kernel can run here
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cot_head(h, *params, masks)
+        cot_head(h, *params, masks, impl="triton")
     assert calls == [1]
     calls.clear()
     cot_head(h, *params, masks, impl="ref")
