@@ -56,7 +56,7 @@ ABLATIONS = {
     "partial": ["carft_pos", "carft_pos_nopartial"],
 }
 # QUICK=1: every method, 1 seed, a few steps (a smoke test of the harness, not a result).
-QUICK = ["sft.epochs=1", "ppo.max_steps=3", "logging.eval_every=1", "data.eval_limit=40",
+QUICK = ["sft.max_steps=10", "ppo.max_steps=2", "logging.eval_every=1", "data.eval_limit=20",
          "checkpoint.save_every=0"]
 CSV_FIELDS = ["method", "name", "seed", "initial_accuracy", "final_accuracy", "best_accuracy", "collapse",
               "rl_steps", "rl_seconds", "seconds_per_step", "generated_tokens", "mean_reward", "final_kl"]
@@ -178,7 +178,11 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], names: dict[st
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    last = max((s for runs in curves.values() for run in runs for s, _ in run), default=1)
     for key, runs in curves.items():
+        if key == "sft":  # the shared starting point: a reference line across the RL steps
+            ax.axhline(runs[0][0][1] * 100, color="k", ls="--", lw=1, label=names[key])
+            continue
         steps = sorted({s for run in runs for s, _ in run})
         per_step = [[dict(run)[s] * 100 for run in runs if s in dict(run)] for s in steps]
         mean = [sum(v) / len(v) for v in per_step]
@@ -186,6 +190,7 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], names: dict[st
         if len(runs) > 1:
             ax.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.15,
                             color=line.get_color())
+    ax.set_xlim(0, last)
     ax.set_xlabel("RL step")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
@@ -205,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3, help="RL seeds per method (ignored with --quick: 1)")
     p.add_argument("--quick", action="store_true", help="1 seed, a few steps: checks the harness in minutes")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), help="run an ablation instead of the comparison")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="greedy test accuracy every N RL steps (the curves' points; default: the config's)")
     p.add_argument("--launcher", default=None,
                    help="command that runs one training process, e.g. 'torchrun --nproc_per_node 8 -m "
                         "carft_mega.train' (default: this Python with -m carft_mega.train)")
@@ -213,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     launcher = shlex.split(args.launcher) if args.launcher else [sys.executable, "-m", "carft_mega.train"]
     common = list(args.overrides) + (QUICK if args.quick else [])
+    if args.eval_every is not None and not args.quick:
+        common.append(f"logging.eval_every={args.eval_every}")
     base = load_config(args.config, common)  # fails here, naming the field, before any run starts
     seeds = [base.seed] if args.quick else [base.seed + k for k in range(args.seeds)]
     keys = ABLATIONS[args.ablation] if args.ablation else COMPARISON

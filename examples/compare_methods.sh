@@ -9,7 +9,8 @@
 #   ABLATION=partial bash examples/compare_methods.sh       # embedding partial reward on / off (Fig. 8)
 #   CONFIG=examples/configs/carft_gsm8k.yaml MODEL=/models/Qwen2.5-1.5B TP=2 bash examples/compare_methods.sh
 #
-# SEEDS (default 3), OUT (default runs/compare), CONFIG, MODEL (HF dir / GGUF; for configs with
+# SEEDS (default 3), OUT (default runs/compare), EVAL_EVERY (test accuracy every N RL steps: the
+# curves' points; default the config's), CONFIG, MODEL (HF dir / GGUF; for configs with
 # model.source=hf), DATA_DIR, NPROC and TP as in the other examples. Extra arguments are overrides for
 # every run (e.g. ppo.max_steps=100). Re-running resumes: finished runs are skipped, interrupted
 # ones continue from their last checkpoint.
@@ -19,6 +20,7 @@ OUT=${OUT:-runs/compare}
 args=(--config "$CONFIG" --out "$OUT" --seeds "${SEEDS:-3}")
 [ "${QUICK:-0}" = "1" ] && args+=(--quick)
 [ -n "${ABLATION:-}" ] && args+=(--ablation "$ABLATION")
+[ -n "${EVAL_EVERY:-}" ] && args+=(--eval-every "$EVAL_EVERY")
 extra=(parallel.tp="${TP:-1}")
 if [ -n "${MODEL:-}" ]; then
   extra+=(model.source=hf model.path="$MODEL")

@@ -122,8 +122,7 @@ def carft_step(run: Run, engine: Engine, ref_model, step: int, terms: list | Non
     terms = build_terms(run.cfg) if terms is None else terms
     timer = StageTimer()
     exp = make_experience(run, engine.policy, ref_model, step, terms, timer)
-    with timer("update"):
-        epochs = update(run, engine, exp, terms, step, timer)
+    epochs = update(run, engine, exp, terms, step, timer)
     metrics = dict(exp.metrics)
     for k in epochs[0]:
         metrics[k] = sum(e[k] for e in epochs) / len(epochs)
@@ -189,41 +188,49 @@ def update(run: Run, engine: Engine, exp: Experience, terms: list, step: int,
            timer: StageTimer | None = None) -> list[dict[str, float]]:
     """U PPO epochs over ``exp``, one optimizer step each; returns each epoch's metrics (global)."""
     cfg = run.cfg
+    timer = StageTimer() if timer is None else timer
     warm = step < cfg.ppo.critic_warmup_steps  # the critic learns first; the policy stays put
     epochs = []
     for epoch in range(cfg.ppo.ppo_epochs):
         if epoch > 0 and any(t.pooled_spans for t in terms):
-            with (timer or StageTimer())("bank_refresh"):
+            with timer("bank_refresh"):
                 refresh_rollout_embeddings(engine.policy, exp, cfg.ppo.micro_batch_size)
-        for t in terms:
-            t.prepare(exp)
-        engine.zero_grad()
-        finite = torch.ones((), dtype=torch.bool, device=run.device)
-        sums: dict[str, torch.Tensor] = {}
-        for rows in micro_batches(exp.lengths, cfg.ppo.micro_batch_size):
-            cols = slice(0, int(exp.lengths[rows].max()))  # host tensor: no device sync
-            idx = rows.to(run.device)
-            out = engine.ddp(exp.tokens[idx, cols], temperature=cfg.rollout.temperature,
-                             span_masks=None if exp.spans is None else exp.spans.masks[:, idx, cols])
-            loss = torch.zeros((), device=run.device)
-            for t in terms:
-                value, metrics = t(out, exp, idx, cols)
-                coef = t.coef if (t.name == "value" or not warm) else 0.0
-                loss = loss + coef * value
-                if t.contrastive_share:  # contrastive/loss: the term that contrastive.coef weighs
-                    metrics = {**metrics, "contrastive/loss": t.contrastive_share * value.detach()}
-                for k, v in metrics.items():  # every metric is a share of a global value
-                    sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=run.device).double()
-            sums["loss"] = sums.get("loss", 0.0) + loss.detach().double()
-            finite &= torch.isfinite(loss)
-            engine.backward(loss)
-        keys = sorted(sums)
-        totals = torch.stack([sums[k] for k in keys])
-        dist.all_reduce(totals, group=parallel.dp_group())  # one transfer per epoch
-        metrics = dict(zip(keys, totals.tolist()))
-        metrics.update(engine.optimizer_step(finite))
-        epochs.append(metrics)
+        with timer("update"):
+            epochs.append(_epoch(run, engine, exp, terms, warm))
     return epochs
+
+
+def _epoch(run: Run, engine: Engine, exp: Experience, terms: list, warm: bool) -> dict[str, float]:
+    """One pass over the rows in length-grouped micro-batches, then one optimizer step."""
+    cfg = run.cfg
+    for t in terms:
+        t.prepare(exp)
+    engine.zero_grad()
+    finite = torch.ones((), dtype=torch.bool, device=run.device)
+    sums: dict[str, torch.Tensor] = {}
+    for rows in micro_batches(exp.lengths, cfg.ppo.micro_batch_size):
+        cols = slice(0, int(exp.lengths[rows].max()))  # host tensor: no device sync
+        idx = rows.to(run.device)
+        out = engine.ddp(exp.tokens[idx, cols], temperature=cfg.rollout.temperature,
+                         span_masks=None if exp.spans is None else exp.spans.masks[:, idx, cols])
+        loss = torch.zeros((), device=run.device)
+        for t in terms:
+            value, metrics = t(out, exp, idx, cols)
+            coef = t.coef if (t.name == "value" or not warm) else 0.0
+            loss = loss + coef * value
+            if t.contrastive_share:  # contrastive/loss: the term that contrastive.coef weighs
+                metrics = {**metrics, "contrastive/loss": t.contrastive_share * value.detach()}
+            for k, v in metrics.items():  # every metric is a share of a global value
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=run.device).double()
+        sums["loss"] = sums.get("loss", 0.0) + loss.detach().double()
+        finite &= torch.isfinite(loss)
+        engine.backward(loss)
+    keys = sorted(sums)
+    totals = torch.stack([sums[k] for k in keys])
+    dist.all_reduce(totals, group=parallel.dp_group())  # one transfer per epoch
+    metrics = dict(zip(keys, totals.tolist()))
+    metrics.update(engine.optimizer_step(finite))
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------
