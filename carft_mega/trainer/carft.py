@@ -77,7 +77,7 @@ class Experience:
 
     Attributes:
         tokens: ``(n, L)`` rollout rows (prompt, generation, padding); n = local prompts x G.
-        lengths, actions: ``(n,)`` real tokens and action tokens per row, on the host.
+        lengths: ``(n,)`` real tokens per row, on the host (slice widths need no device sync).
         action_mask: ``(n, L)`` bool, state-aligned.
         prompt_ids: ``(n,)`` int64 global prompt index of each row (G rows per prompt).
         spans: rollout spans the loss terms pool in training forwards (None: no term pools).
@@ -94,7 +94,6 @@ class Experience:
 
     tokens: torch.Tensor
     lengths: torch.Tensor
-    actions: torch.Tensor
     action_mask: torch.Tensor
     prompt_ids: torch.Tensor
     spans: Spans | None
@@ -151,6 +150,7 @@ def make_experience(run: Run, policy, ref_model, step: int, terms: list, timer: 
     lengths = roll.lengths.cpu()  # one transfer; every later slice width is read on the host
     with timer("old_forward"):
         old = forward_batched(policy, roll.tokens, lengths, spans_r, mb, temperature=T)
+    with timer("annotated_forward"):
         # Annotated rows: one forward per prompt; its G rows' spans become K * G masks of that row.
         a_rows = slice(0, None, G)
         a_spans = None if spans_a is None else Spans(spans_a.names, _per_prompt(spans_a.masks, G))
@@ -173,7 +173,7 @@ def make_experience(run: Run, policy, ref_model, step: int, terms: list, timer: 
     counts = torch.tensor([float(roll.gen_lens.sum()), float(len(records))], device=run.device)
     dist.all_reduce(counts, group=parallel.dp_group())
     critic = cfg.ppo.estimator == "gae"
-    exp = Experience(tokens=roll.tokens, lengths=lengths, actions=roll.gen_lens.cpu(), action_mask=action_mask,
+    exp = Experience(tokens=roll.tokens, lengths=lengths, action_mask=action_mask,
                      prompt_ids=prompt_ids, spans=_training_spans(spans_r, terms), logp_old=old.logp,
                      logp_ref=logp_ref, values_old=old.values if critic else None, returns=ret if critic else None,
                      advantages=adv, zr=zr, za=za, scores=scores, correct=correct, offset=first_prompt * G,
