@@ -111,7 +111,7 @@ def plan(part: int, work: Path, py: str = sys.executable) -> list[Step]:
                [py, "-c", "import megatron.core; print('no .whl/ carried; megatron-core is already there')"])
     common = [
         Step("wheels", 30, install, "install the carried wheels (megatron-core) into the work folder"),
-        Step("env", 30, [py, str(Path(__file__).resolve()), "--env-report", str(work / "env.txt")],
+        Step("env", 45, [py, str(Path(__file__).resolve()), "--env-report", str(work / "env.txt")],
              "GPU, driver, versions, copy bandwidth and bf16 GEMM rate", after=("wheels",)),
         Step("build", 120, [py, "setup.py", "build_ext", "--build-lib", str(work / "ext"),
                             "--build-temp", str(work / "build")],
@@ -128,7 +128,7 @@ def plan(part: int, work: Path, py: str = sys.executable) -> list[Step]:
                  "Triton op tests on CUDA (gpu-marked and device-generic), nvcc checks", after=("env",),
                  env=pinned, results=("test_triton.xml",)),
             Step("test_ext", 120,
-                 pytest + (["-n", "3", "--dist", "loadfile"] if xdist else []) +
+                 pytest + ["-rA"] + (["-n", "3", "--dist", "loadfile"] if xdist else []) +  # -rA: their prints
                  ["--junitxml", str(res / "test_ext.xml"), "-m", "gpu", "tests/ops/test_lcs.py",
                   "tests/models/test_mcore_gpu.py", "tests/trainer/test_gpu_kernels_step.py"],
                  "CUDA LCS vs the reference, bf16 Megatron policy, one CARFT step auto vs ref",
@@ -257,6 +257,31 @@ class Result:
     note: str = ""
 
 
+def metrics_digest(path: Path, name: str) -> list[str]:
+    """RESULT lines from a trainer's metrics.jsonl: per stage, the median of every ``time/*`` and ``perf/*``
+    value over the steps after the first (compile and warm-up), and the number of steps."""
+    import statistics
+
+    by_stage: dict[str, list[dict]] = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if any(k.startswith("time/") for k in row):
+            by_stage.setdefault(row.get("stage", "?"), []).append(row)
+    out = []
+    for stage, rows in by_stage.items():
+        use = rows[1:] or rows
+        keys = sorted({k for r in use for k in r if k.startswith(("time/", "perf/"))})
+        vals = []
+        for k in keys:
+            xs = [r[k] for r in use if isinstance(r.get(k), (int, float))]
+            if xs:
+                v = statistics.median(xs)
+                vals.append(f"{k.split('/', 1)[1]} {v:.4g}{' s' if k.startswith('time/') else ''}")
+        steps = f"median of steps 2..{len(rows)}" if len(rows) > 1 else "one step"
+        out.append(f"RESULT {name} {stage} ({steps}): " + ", ".join(vals))
+    return out
+
+
 def commit() -> str:
     sha = os.environ.get("CARFT_GIT_SHA", "").strip()
     if sha:
@@ -279,7 +304,7 @@ def highlights(log: Path, limit: int = 12) -> list[str]:
     """The lines of a log worth a look in the summary: results, failures, pytest's last line."""
     try:
         lines = [ln for ln in log.read_text(errors="replace").splitlines()
-                 if not ln.startswith(("$ ", "# step "))]  # the header this script wrote
+                 if ln.strip() and not ln.startswith(("$ ", "# step "))]  # not the lines this script wrote
     except OSError:
         return []
     picked = [ln for ln in lines if ln.startswith("RESULT") or ln.startswith("FAILED") or ln.startswith("ERROR ")
@@ -359,7 +384,8 @@ class Runner:
     # -- processes
     def env_for(self, step: Step) -> dict[str, str]:
         env = dict(os.environ)
-        paths = [str(REPO), str(self.work / "ext"), str(self.work / "site")]
+        # The extension built by the `build` step first: an older build in the checkout must not shadow it.
+        paths = [str(self.work / "ext"), str(REPO), str(self.work / "site")]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
@@ -394,11 +420,17 @@ class Runner:
         state = "timeout" if timed_out else ("ok" if rc == 0 else "failed")
         self.results[step.name] = Result(state, rc=124 if timed_out else rc, seconds=time.monotonic() - t_start,
                                          timeout_s=timeout)
-        for src in step.results:  # the trainer writes metrics.jsonl in its out_dir: keep a copy
+        for src in step.results:  # the trainer writes metrics.jsonl in its out_dir: keep a copy and a digest
             if src.endswith("_metrics.jsonl"):
                 m = self.work / src.removesuffix("_metrics.jsonl") / "metrics.jsonl"
                 if m.exists():
                     shutil.copy2(m, self.work / "results" / src)
+                    try:
+                        digest = metrics_digest(m, step.name)
+                    except (ValueError, OSError) as e:  # a half-written file from a killed run
+                        digest = [f"RESULT {step.name}: metrics.jsonl unreadable ({e})"]
+                    with open(self.logs / f"{step.name}.log", "a") as f:
+                        f.write("\n".join(digest) + "\n")
 
     def stop(self, handle) -> None:
         proc = handle[0]
@@ -569,7 +601,14 @@ _FAKE_SH = r"""
 name=$1; secs=$2; mode=$3; shift 3
 echo "dry run of step $name: $secs s, $mode"
 sleep "$secs"
-for r in "$@"; do printf 'fake,header\n1,2\n' > "$GPU_CHECK_WORK/results/$r"; done
+for r in "$@"; do
+  case $r in
+    *_metrics.jsonl)  # the trainer writes its metrics into its out_dir, named like the result
+      d="$GPU_CHECK_WORK/${r%_metrics.jsonl}"; mkdir -p "$d"
+      printf '{"stage": "carft", "step": %s, "time/step": 2.0, "perf/mfu": 0.25}\n' 1 2 3 > "$d/metrics.jsonl";;
+    *) printf 'fake,header\n1,2\n' > "$GPU_CHECK_WORK/results/$r";;
+  esac
+done
 if [ "$name" = env ]; then
   printf 'commit: %s\ngpu: dry run\nversions: none\n' "$CARFT_GIT_SHA" > "$GPU_CHECK_WORK/env.txt"
 fi

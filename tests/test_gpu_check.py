@@ -126,13 +126,34 @@ def test_dry_run_part1(tmp_path):
     for s in steps:
         assert any(line.split()[:2] == [s.name, "ok"] for line in summary.splitlines()), s.name
     names, status = _tar_members(out)
-    want = {f"gpu_check/logs/{s.name}.log" for s in steps} | {f"gpu_check/results/{r}" for s in steps for r in s.results}
+    want = {f"gpu_check/logs/{s.name}.log" for s in steps}
+    want |= {f"gpu_check/results/{r}" for s in steps for r in s.results}
     want |= {"gpu_check/env.txt", "gpu_check/status.json", "gpu_check/summary.txt", "gpu_check/plan.txt"}
     assert want <= names, want - names
     assert status["commit"] == SHA and status["final"] and {r["state"] for r in status["steps"].values()} == {"ok"}
     # Wall time: the fakes take a tenth of their budgets; the schedule overlaps them as planned.
     worst = max(e for _, e in gc.simulate(steps).values()) * SCALE
     assert secs < worst + 30
+
+
+def test_dry_run_part2_digests_the_trainer_metrics(tmp_path):
+    proc, out, work, _ = _dry_run(tmp_path, "--part", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _out_files(out) == set(gc.OUT_FILES)
+    names, status = _tar_members(out)
+    assert {"gpu_check/results/quickstart_metrics.jsonl", "gpu_check/results/smollm2_shape_metrics.jsonl"} <= names
+    summary = (out / gc.SUMMARY).read_text()
+    assert "RESULT smollm2_shape carft (median of steps 2..3): mfu 0.25, step 2 s" in summary
+
+
+def test_metrics_digest(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    rows = [{"stage": "sft", "step": i, "time/update": t, "sft/loss": 1.0} for i, t in enumerate([9.0, 1.0, 3.0], 1)]
+    rows += [{"stage": "carft", "step": 1, "eval/accuracy": 0.5},  # an eval-only row: no timings
+             {"stage": "carft", "step": 1, "time/rollout": 0.5, "perf/rollout_tokens_per_s": 1000.0}]
+    m.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert gc.metrics_digest(m, "qs") == ["RESULT qs sft (median of steps 2..3): update 2 s",
+                                          "RESULT qs carft (one step): rollout_tokens_per_s 1000, rollout 0.5 s"]
 
 
 def test_dry_run_failure_timeout_and_skips(tmp_path):
