@@ -33,6 +33,7 @@ import glob
 import importlib.util
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -113,7 +114,7 @@ def plan(part: int, work: Path, py: str = sys.executable) -> list[Step]:
         Step("wheels", 30, install, "install the carried wheels (megatron-core) into the work folder"),
         Step("env", 45, [py, str(Path(__file__).resolve()), "--env-report", str(work / "env.txt")],
              "GPU, driver, versions, copy bandwidth and bf16 GEMM rate", after=("wheels",)),
-        Step("build", 120, [py, "setup.py", "build_ext", "--build-lib", str(work / "ext"),
+        Step("build", 100, [py, "setup.py", "build_ext", "--build-lib", str(work / "ext"),
                             "--build-temp", str(work / "build")],
              "build carft_mega_cuda with its CUDA part (sm_90)", after=("wheels",),
              env={"CARFT_CUDA_ARCHS": "90", "MAX_JOBS": "16", "NVCC_THREADS": "4"}),
@@ -127,7 +128,7 @@ def plan(part: int, work: Path, py: str = sys.executable) -> list[Step]:
                                    "-k", "not compile_for_sm90 and not gloo"],
                  "Triton op tests on CUDA (gpu-marked and device-generic), nvcc checks", after=("env",),
                  env=pinned, results=("test_triton.xml",)),
-            Step("test_ext", 120,
+            Step("test_ext", 140,
                  pytest + ["-rA"] + (["-n", "3", "--dist", "loadfile"] if xdist else []) +  # -rA: their prints
                  ["--junitxml", str(res / "test_ext.xml"), "-m", "gpu", "tests/ops/test_lcs.py",
                   "tests/models/test_mcore_gpu.py", "tests/trainer/test_gpu_kernels_step.py"],
@@ -296,8 +297,8 @@ def commit() -> str:
     return "unknown (set CARFT_GIT_SHA: no .git travels)"
 
 
-_HIGHLIGHT = ("RESULT", "FAILED", "ERROR ", "Error:", "MISMATCH", "MISSES", "meets", "passed", "failed",
-              "error", "skipped", "autotune", "accuracy after", "Traceback")
+_HIGHLIGHT = ("Traceback", "Error:", "MISSES", "meets", "accuracy after", "Killed", "out of memory")
+_PYTEST_LAST = re.compile(r"^=+ .*\b(passed|failed|errors?|skipped|deselected)\b.* in [\d.]+s")
 
 
 def highlights(log: Path, limit: int = 12) -> list[str]:
@@ -307,9 +308,10 @@ def highlights(log: Path, limit: int = 12) -> list[str]:
                  if ln.strip() and not ln.startswith(("$ ", "# step "))]  # not the lines this script wrote
     except OSError:
         return []
-    picked = [ln for ln in lines if ln.startswith("RESULT") or ln.startswith("FAILED") or ln.startswith("ERROR ")
-              or "MISMATCH" in ln or ln.startswith("SKIPPED")]
-    tail = [ln for ln in lines[-40:] if any(k in ln for k in _HIGHLIGHT) and ln not in picked]
+    picked = [ln for ln in lines if ln.startswith(("RESULT", "FAILED", "ERROR ", "SKIPPED", "carft_mega setup.py"))
+              or "MISMATCH" in ln]
+    tail = [ln for ln in lines[-40:] if (any(k in ln for k in _HIGHLIGHT) or _PYTEST_LAST.match(ln))
+            and ln not in picked]
     out = picked[:limit] + tail[-3:]
     if not out and lines:
         out = lines[-2:]
