@@ -31,8 +31,8 @@ else
 fi
 ls -la .whl .whl/tokenizer_gpt2 2>/dev/null || true
 # What travels: tracked files, untracked files git does not ignore, and the carried .whl.
-total=$( (git ls-files -z --cached --others --exclude-standard | xargs -0 -r du -cb 2>/dev/null | tail -n 1 | cut -f1;
-          du -sb .whl | cut -f1) | paste -sd+ | bc)
+tree=$(git ls-files -z --cached --others --exclude-standard | du -cb --files0-from=- 2>/dev/null | tail -n 1 | cut -f1)
+total=$((tree + $(du -sb .whl | cut -f1)))
 echo "the call carries $((total / 1024)) KiB (limit 65536 KiB)"
 if [ "$total" -ge $((64 * 1024 * 1024)) ]; then
   echo "fetch_gpu_wheels.sh: over the device tool's 64 MiB: remove untracked files or ignore them" >&2
