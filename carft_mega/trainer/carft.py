@@ -26,7 +26,8 @@ from carft_mega.algos.advantage import group_relative_advantages
 from carft_mega.algos.contrastive import (InfoNCEBank, build_bank, contrastive_negative, contrastive_positive,
                                           partial_reward_embedding)
 from carft_mega.algos.ppo import kl_loss, ppo_policy_loss, ppo_value_loss
-from carft_mega.data.collate import collate_prompts, collate_sft, encode_prompt, encode_sft
+from carft_mega.data.collate import (collate_prompts, collate_sft, encode_prompt, encode_sft, micro_batches,
+                                    padding_share)
 from carft_mega.ops.advantages import advantages as fused_advantages
 from carft_mega.ops.advantages import global_moments, whiten_from_moments
 from carft_mega.ops.lcs import span_lcs_masks
@@ -472,21 +473,6 @@ def _header_mask(run: Run, records, ann) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------
 # Forwards and advantages
-
-
-def micro_batches(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Row indices in micro-batches of ``size``, longest rows first: rows of similar length share a
-    micro-batch, so little is spent on padding. Every loss is a share of a global sum, so the
-    grouping changes nothing but the summation order."""
-    order = torch.argsort(lengths.cpu(), descending=True, stable=True)
-    return [order[s:s + size] for s in range(0, len(order), size)]
-
-
-def padding_share(lengths: torch.Tensor, size: int) -> float:
-    """Share of padded positions in :func:`micro_batches` (each cut to its longest row)."""
-    lengths = lengths.cpu()
-    total = sum(len(rows) * int(lengths[rows].max()) for rows in micro_batches(lengths, size))
-    return 1.0 - float(lengths.sum()) / max(1, total)
 
 
 @dataclass
