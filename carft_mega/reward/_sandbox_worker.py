@@ -155,8 +155,9 @@ def _hold(plan):
     return fds
 
 
-def _build_root(lib, plan, fds):
-    """Assemble the plan on a tmpfs at _STAGE, make it read-only, pivot_root into it."""
+def _build_root(lib, plan, fds, cfg_ro_method="auto"):
+    """Assemble the plan on a tmpfs at _STAGE, make it read-only, pivot_root into it. Returns how it
+    was made read-only (``mount_setattr`` or ``remount``)."""
     lib.mount("none", "/", None, _MS_REC | _MS_PRIVATE)  # nothing propagates back to the host
     lib.mount("tmpfs", _STAGE, "tmpfs", _MS_NOSUID | _MS_NODEV, "size=4m,nr_inodes=16384,mode=0755")
     empty = _STAGE + "/.empty"
@@ -188,24 +189,44 @@ def _build_root(lib, plan, fds):
             else:
                 lib.mount(empty, path, None, _MS_BIND)
     os.unlink(empty)
-    if not lib.read_only_tree(_STAGE):
-        # Linux < 5.12: remount one by one (tmpfs by its superblock, binds as binds, atime kept).
-        for op in plan["ops"]:
-            if op[0] in ("bind", "dev") or (op[0] == "hide" and op[2] == "file"):
-                path = _STAGE + (op[3] if op[0] in ("bind", "dev") else op[1])
-                lib.mount(None, path, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _atime_flags(path))
-        for path in tmpfs_mounts[::-1]:
-            lib.mount(None, path, None, _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV)
+    method = "mount_setattr" if cfg_ro_method != "remount" and lib.read_only_tree(_STAGE) else "remount"
+    if method == "remount":
+        # Linux < 5.12 (RHEL 8's 4.18, say): remount every mount of the new root, one by one, as a
+        # read-only bind that keeps the flags a user namespace does not let it drop.
+        with open("/proc/self/mountinfo") as f:
+            points = [ln.split()[4].encode().decode("unicode_escape") for ln in f]
+        for mp in sorted({m for m in points if m == _STAGE or m.startswith(_STAGE + "/")}, key=len):
+            lib.mount(None, mp, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _kept_flags(mp))
+    _check_read_only(plan)
     os.chdir(_STAGE)
     lib.pivot_root(".", ".")  # the new root stacks over the old one (pivot_root(2), NOTES) ...
     lib.umount2(".", _MNT_DETACH)  # ... which is then detached, and the host's tree is gone
     os.chdir("/")
+    return method
 
 
-def _atime_flags(path):
-    """The atime flags of the mount at ``path`` (a remount in a user namespace must keep them)."""
+def _kept_flags(path):
+    """nodev/noexec and the atime flags of the mount at ``path``: a remount in a user namespace must
+    keep them (they are locked), and keeping them is right anyway. statvfs's ST_* equal the MS_*
+    values but for ST_RELATIME (4096), which is MS_RELATIME (1 << 21)."""
     f = os.statvfs(path).f_flag
-    return ((1024 if f & 1024 else 0) | (2048 if f & 2048 else 0) | ((1 << 21) if f & 4096 else 0))
+    return (f & (_MS_NODEV | _MS_NOEXEC | 1024 | 2048)) | ((1 << 21) if f & 4096 else 0)
+
+
+def _check_read_only(plan):
+    """Every directory of the new root refuses a new file (EROFS), or the worker does not start."""
+    for op in plan["ops"]:
+        if op[0] == "dir" or (op[0] == "bind" and op[2] == "dir"):
+            path = _STAGE + (op[3] if op[0] == "bind" else op[1])
+            try:
+                fd = os.open(os.path.join(path, ".carft_rw_probe"), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except OSError as e:
+                if e.errno == 30:  # EROFS
+                    continue
+                raise OSError(e.errno, f"read-only check of {path}: {e.strerror}") from None
+            os.close(fd)
+            os.unlink(os.path.join(path, ".carft_rw_probe"))
+            raise OSError(1, f"{path} is writable in the sandbox root")
 
 
 def _place_fds(fds):
@@ -231,8 +252,13 @@ def _drop_bounding_set(lib, keep):
 
 def _exec_server(lib, exe, cfg, src):
     """Seccomp, then exec the server (a fresh interpreter on the server's source) in this process."""
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    magic = max(100, min(1000, soft - 1))  # programs get RLIMIT_NOFILE 64: they can never hold it
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1024 and (hard == resource.RLIM_INFINITY or hard > soft):
+        soft = 1024 if hard == resource.RLIM_INFINITY else min(1024, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    magic = min(1000, soft - 1)  # programs get RLIMIT_NOFILE 64: they can never hold it
+    if magic < 64:
+        raise OSError(24, f"RLIMIT_NOFILE {soft} leaves no descriptor above the programs' 64")
     exe_fd = os.open(exe, os.O_PATH | os.O_CLOEXEC)
     os.dup2(exe_fd, magic, inheritable=False)
     os.close(exe_fd)
@@ -300,7 +326,7 @@ def main():
         _exec_server(lib, plan["host"]["exe"], cfg, src)
         return 1
     try:
-        _build_root(lib, plan, fds)
+        layers["read_only_by"] = _build_root(lib, plan, fds, cfg.get("read_only_method", "auto"))
     except OSError as e:
         _reply({"ready": False, "fatal": f"sandbox root: {e}", "layers": layers, "errors": errors})
         return 1

@@ -52,6 +52,9 @@ DEFAULT_LAZY_PRELOAD = ("sympy",)
 PROBE_MODULES = ("textwrap", "csv", "array", "json", "struct", "binascii", "zlib", "unicodedata", "hashlib",
                  "pickle", "calendar", "pprint", "bz2", "lzma", "base64", "uuid")
 NAMESPACE_MODES = ("required", "if_available", "off")
+# How a worker makes its root read-only: "auto" (mount_setattr, Linux 5.12+, else remounts) or
+# "remount" (what Linux < 5.12 gets; set by a test to cover that path on a newer kernel).
+_READ_ONLY_METHOD = "auto"
 INSECURE_FIELD = "reward.sandbox_insecure_allow_no_namespaces"
 
 
@@ -272,7 +275,8 @@ class Sandbox:
         plan = _sandbox_view.plan(sys.executable, pkgs)
         cfg = {"cpu_seconds": int(cpu_seconds), "memory_mb": int(memory_mb), "fsize_mb": int(fsize_mb),
                "tmp_mb": int(tmp_mb), "tmp_inodes": 16384, "preload": list(preload),
-               "lazy_preload": list(lazy_preload), "audit_hook": bool(audit_hook), "seccomp": bool(seccomp)}
+               "lazy_preload": list(lazy_preload), "audit_hook": bool(audit_hook), "seccomp": bool(seccomp),
+               "read_only_method": _READ_ONLY_METHOD}
         self._message = {"cfg": cfg, "plan": plan, "namespaces": namespaces, "host_modules": list(_host_modules()),
                          "probe": list(_probe_modules())}
         self._lock = threading.Lock()

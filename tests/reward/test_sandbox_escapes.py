@@ -196,6 +196,28 @@ def test_root_holds_only_the_runtime(blind):
         g["solution"]()
 
 
+@pytest.mark.parametrize("method", ["auto", "remount"])
+def test_root_is_read_only(method, monkeypatch):
+    """Every mount of the root refuses writes, made so by mount_setattr(AT_RECURSIVE) or, as on
+    Linux < 5.12, by remounting each mount; the worker also checks it before it starts."""
+    from carft_mega.reward import sandbox as sandbox_mod
+
+    monkeypatch.setattr(sandbox_mod, "_READ_ONLY_METHOD", method)
+    plan = _sandbox_view.plan(sys.executable, _sandbox_view.DEFAULT_PACKAGES)
+    dirs = [op[3] for op in plan["ops"] if op[0] == "bind" and op[2] == "dir"] + ["/", "/dev", "/etc", "/usr"]
+    files = [op[3] for op in plan["ops"] if op[0] == "bind" and op[2] == "file"][:5] + ["/dev/null"]
+    programs = [prog(f"open({os.path.join(d, 'x')!r}, 'w')\nreturn 1") for d in dirs]
+    programs += [prog(f"open({f!r}, 'r+b').write(b'x')\nreturn 1") for f in files if f != "/dev/null"]
+    programs += [prog("open('/dev/null', 'w').write('x')\nopen('/tmp/ok', 'w').write('1')\n"
+                      "return float(open('/tmp/ok').read())")]
+    with Sandbox(workers=1, timeout=5, audit_hook=False) as pool:
+        assert pool.layers["read_only_by"] == ("remount" if method == "remount" else "mount_setattr")
+        res = pool.run_programs_detailed(programs)
+    assert [r.value for r in res] == [None] * (len(programs) - 1) + [1.0], res
+    assert all("Read-only file system" in r.detail or "Permission denied" in r.detail for r in res[:-1]), \
+        [r.detail for r in res if "Read-only" not in r.detail]
+
+
 def test_filesystem_sockets_and_metadata_are_out_of_reach(blind, sentinels, tmp_path):
     """Class 2: a program connected to an AF_UNIX listener on the host (outside the network
     namespace), and os.stat/os.access showed root-only files. Now: no socket module can load, the

@@ -153,6 +153,7 @@ try:
             prog(f"open({WRITABLE!r} + '/escaped', 'w').write('x')\nreturn 1"),
             prog("return float(len(os.listdir('/proc')))", "import os\n"),
             prog("import _socket\nreturn 1"),
+            prog("import _thread\n_thread.start_new_thread(print, ())\nreturn 1"),
             prog("return float(os.getuid())", "import os\n")])
         out["attacks"] = [[r.value, r.status, r.detail] for r in res]
 except SandboxUnavailableError as e:
@@ -183,7 +184,8 @@ def test_unprivileged_trainer_gets_the_full_isolation(sentinels):
     assert layers["drop_privileges"] is False and layers["uid"] == out["uid"] and not layers["server_has_ctypes"]
     assert out["values"] == [42.0, float(out["uid"]), 3.0, 3.0, 5.0], out
     values = [a[0] for a in out["attacks"]]
-    assert values == [None] * 5 + [float(out["uid"])], out["attacks"]
+    assert values == [None] * 6 + [float(out["uid"])], out["attacks"]
+    assert "can't start new thread" in out["attacks"][5][2], out["attacks"][5]  # RLIMIT_NPROC in the userns
     assert all("No such file or directory" in a[2] for a in out["attacks"][:2]), out["attacks"]
     assert not out["escaped"] and not os.path.exists(os.path.join(sentinels["writable"], "escaped"))
 
