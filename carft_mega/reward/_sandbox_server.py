@@ -410,7 +410,12 @@ def _wait(pid, r, deadline):
             if chunk:
                 data = (data + chunk)[:_MAX_RESULT_BYTES + 1]
                 continue
-            eof = True  # the child exited (or closed its pipe early): wait for it
+            eof = True  # the child is exiting (or closed its pipe early): wait for it
+            for _ in range(64):  # it becomes a zombie right after its files close: yield, do not sleep
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if done:
+                    return status, data
+                os.sched_yield()
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return status, data
