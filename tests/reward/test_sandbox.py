@@ -222,8 +222,8 @@ def test_dead_worker_is_replaced(sb):
     pids = sb.worker_pids
     os.kill(pids[0], signal.SIGKILL)
     time.sleep(0.05)
-    res = sb.run_programs([prog(f"return {i}") for i in range(6)])
-    assert res == [float(i) for i in range(6)]
+    res = sb.run_programs_detailed([prog(f"return {i}") for i in range(6)], timeout=5.0)  # (a busy box)
+    assert [r.value for r in res] == [float(i) for i in range(6)], res
     new = sb.worker_pids
     assert new[0] != pids[0] and new[1] == pids[1] and sb.replaced >= 1
     _healthy(sb, new)
