@@ -62,7 +62,8 @@ _DENY_IMPORTS = frozenset({
     "ctypes", "_ctypes", "_ctypes_test", "_posixsubprocess", "subprocess", "socket", "_socket", "ssl", "_ssl",
     "multiprocessing", "_multiprocessing", "_posixshmem", "mmap", "fcntl", "pty", "termios", "resource",
     "asyncio", "_asyncio", "http", "ftplib", "smtplib", "poplib", "imaplib", "nntplib", "telnetlib",
-    "webbrowser", "xmlrpc", "socketserver", "_xxsubinterpreters", "_xxinterpchannels", "_testcapi",
+    "webbrowser", "xmlrpc", "socketserver", "_xxsubinterpreters", "_xxinterpchannels", "_interpreters",
+    "_interpchannels", "_interpqueues", "_testcapi", "_testlimitedcapi",
     "_testinternalcapi", "_testbuffer", "_testmultiphase", "_testclinic", "_xxtestfuzz", "faulthandler",
     "tracemalloc", "_tracemalloc", "signal", "_signal", "sqlite3", "_sqlite3", "cffi", "_cffi_backend",
     "syslog", "readline", "curses", "_curses", "tkinter", "_tkinter",
@@ -79,8 +80,9 @@ _FORGOTTEN_MODULES = ("ctypes", "_ctypes", "signal", "_signal", "subprocess", "_
 # Extension modules the server itself never loads (the root has them as empty files anyway; in the weak
 # mode this guard is what keeps them out of the memory that programs inherit).
 _NEVER_LOAD = frozenset({"_ctypes", "_posixsubprocess", "_socket", "_ssl", "mmap", "_multiprocessing",
-                         "_posixshmem", "fcntl", "termios", "_xxsubinterpreters", "_testcapi",
-                         "_testinternalcapi", "_cffi_backend"})
+                         "_posixshmem", "fcntl", "termios", "_xxsubinterpreters", "_xxinterpchannels",
+                         "_interpreters", "_interpchannels", "_interpqueues", "_testcapi", "_testinternalcapi",
+                         "_testlimitedcapi", "_cffi_backend"})
 # Path-taking events allowed only inside the working directory (and without dir_fd).
 _WORKDIR_EVENTS = frozenset({"os.remove", "os.rmdir", "os.mkdir", "os.rename"})
 _READ_EVENTS = frozenset({"os.listdir", "os.scandir"})
@@ -118,15 +120,15 @@ def _make_audit_hook(workdir, read_roots):
     ``__defaults__`` raises ``object.__setattr__`` (denied), and the defaults tuple and every value in
     it are immutable.
 
-    ``marshal.loads`` (crafted bytecode runs past the code/function constructors) is allowed only when
-    the genuine import machinery loads a ``.pyc`` from the read-only runtime: the caller is
-    importlib's ``_compile_bytecode``, called from ``SourceLoader.get_code`` on a plain
-    ``SourceFileLoader`` whose ``get_data`` and ``_io.open_code`` are the originals, for a
-    ``bytecode_path`` inside the read roots."""
+    ``marshal.loads`` (crafted bytecode runs past the code/function constructors) is allowed only for
+    what the import system reads from the read-only runtime: the caller is importlib's
+    ``_compile_bytecode`` called from ``SourceLoader.get_code``, whose ``bytecode_path`` is a ``.pyc``
+    inside the read roots, and the bytes are that file's, read again here (through the original
+    ``_io.FileIO``): whatever a program patches in importlib, only genuine bytecode loads."""
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     ext = sys.modules["_frozen_importlib_external"]
-    pyc = (ext._compile_bytecode.__code__, ext.SourceLoader.get_code.__code__, ext.SourceFileLoader,
-           ext.FileLoader.get_data, ext, ext._io, ext._io.open_code, sys._getframe)
+    pyc = (ext._compile_bytecode.__code__, ext.SourceLoader.get_code.__code__, sys._getframe,
+           sys.modules["_io"].FileIO, bytes)
 
     def norm(p, _cwd=workdir, _str=str, _bytes=bytes, _type=type):
         # Lexical normalisation against the fixed cwd (os.chdir is denied); a ".." anywhere is refused
@@ -161,20 +163,23 @@ def _make_audit_hook(workdir, read_roots):
              _read_events=_READ_EVENTS, _setattr_events=_SETATTR_EVENTS, _protected=_PROTECTED_ATTRS,
              _norm=norm, _inside=inside, _wd=(workdir,),
              _read=(workdir,) + tuple(read_roots), _runtime=tuple(read_roots), _pyc=pyc, _Err=PermissionError,
-             _int=int, _type=type, _str=str, _none=None, _wflags=write_flags, _vars=vars):
+             _int=int, _type=type, _str=str, _none=None, _wflags=write_flags):
         if event in _deny:
             raise _Err(f"sandbox: {event} is not allowed")
         if event == "marshal.loads":
-            cb_code, gc_code, loader_type, get_data, ext, io, open_code, getframe = _pyc
+            cb_code, gc_code, getframe, file_io, bytes_ = _pyc
             f1 = getframe(1)
             f2 = f1.f_back
             if f1.f_code is cb_code and f2 is not None and f2.f_code is gc_code:
-                loc = f2.f_locals
-                me, path = loc.get("self"), loc.get("bytecode_path")
-                if (_type(me) is loader_type and "get_data" not in _vars(me) and loader_type.get_data is get_data
-                        and ext.__dict__.get("_io") is io and io.open_code is open_code
-                        and _type(path) is _str and path.endswith(".pyc") and _inside(_norm(path), _runtime)):
-                    return
+                path = f2.f_locals.get("bytecode_path")
+                if _type(path) is _str and path.endswith(".pyc") and _inside(_norm(path), _runtime):
+                    try:
+                        with file_io(path) as f:
+                            genuine = f.read()[16:]  # after the 16-byte pyc header
+                    except OSError:
+                        genuine = None
+                    if genuine is not None and bytes_(args[0]) == genuine:
+                        return
             raise _Err("sandbox: marshal.loads is not allowed")
         if event == "open":
             path, mode, flags = args
@@ -662,7 +667,8 @@ def main():
     sys.meta_path.insert(0, _Guard)
     _install_stubs()
     # Every builtin module now: programs cannot create one later (_imp.create_builtin is deleted in them).
-    builtins_ = [n for n in sys.builtin_module_names if n not in ("_tracemalloc", "faulthandler")]
+    builtins_ = [n for n in sys.builtin_module_names
+                 if n not in _NEVER_LOAD and n not in ("_tracemalloc", "faulthandler")]
     _import_all(builtins_ + list(cfg["preload"]), errors)
     lazy = [n for n in cfg.get("lazy_preload", ()) if n not in sys.modules and n not in cfg["preload"]]
     vm_kib = _vm_size_kib()

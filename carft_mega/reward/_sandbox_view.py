@@ -32,6 +32,7 @@ import sysconfig
 HIDDEN_EXTENSIONS = frozenset({
     "_ctypes", "_ctypes_test", "_posixsubprocess", "_socket", "_ssl", "mmap", "_multiprocessing",
     "_posixshmem", "fcntl", "termios", "_asyncio", "syslog", "_xxsubinterpreters", "_xxinterpchannels",
+    "_interpreters", "_interpchannels", "_interpqueues", "_testlimitedcapi", "_testexternalinspection",
     "_xxtestfuzz", "_testcapi", "_testinternalcapi", "_testbuffer", "_testmultiphase",
     "_testimportmultiple", "_testclinic", "_testsinglephase", "xxlimited", "xxlimited_35", "_tkinter",
     "_curses", "_curses_panel", "readline", "nis", "spwd", "ossaudiodev", "_sqlite3", "_dbm", "_gdbm",

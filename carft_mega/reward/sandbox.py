@@ -50,7 +50,7 @@ DEFAULT_LAZY_PRELOAD = ("sympy",)
 # Stdlib modules that every worker imports once under the programs' conditions (uid, root, rlimits,
 # hook) before it reports ready: a root whose stdlib a program cannot read fails here, loudly.
 PROBE_MODULES = ("textwrap", "csv", "array", "json", "struct", "binascii", "zlib", "unicodedata", "hashlib",
-                 "pickle", "calendar", "pprint", "bz2", "lzma", "base64", "uuid")
+                 "pickle", "calendar", "pprint", "bz2", "lzma", "base64")
 NAMESPACE_MODES = ("required", "if_available", "off")
 # How a worker makes its root read-only: "auto" (mount_setattr, Linux 5.12+, else remounts) or
 # "remount" (what Linux < 5.12 gets; set by a test to cover that path on a newer kernel).

@@ -29,6 +29,8 @@ SECRET = "carft-sentinel-" + uuid.uuid4().hex
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.environ.get("CARFT_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
 GOLD = os.path.join(DATA, "svamp", "svamp_python_sdp.json")
+# None of these tests is about timeouts (test_sandbox.py is): a generous one keeps them right on a busy box.
+PATIENT = 30.0
 
 
 def prog(body, imports=""):
@@ -38,14 +40,14 @@ def prog(body, imports=""):
 
 @pytest.fixture(scope="module")
 def hooked():
-    with Sandbox(workers=1, timeout=5) as pool:
+    with Sandbox(workers=1, timeout=PATIENT) as pool:
         yield pool
 
 
 @pytest.fixture(scope="module")
 def blind():
     """A pool whose programs run without the audit hook: only the OS stands."""
-    with Sandbox(workers=1, timeout=5, audit_hook=False) as pool:
+    with Sandbox(workers=1, timeout=PATIENT, audit_hook=False) as pool:
         yield pool
 
 
@@ -210,7 +212,7 @@ def test_root_is_read_only(method, monkeypatch):
     programs += [prog(f"open({f!r}, 'r+b').write(b'x')\nreturn 1") for f in files if f != "/dev/null"]
     programs += [prog("open('/dev/null', 'w').write('x')\nopen('/tmp/ok', 'w').write('1')\n"
                       "return float(open('/tmp/ok').read())")]
-    with Sandbox(workers=1, timeout=5, audit_hook=False) as pool:
+    with Sandbox(workers=1, timeout=PATIENT, audit_hook=False) as pool:
         assert pool.layers["read_only_by"] == ("remount" if method == "remount" else "mount_setattr")
         res = pool.run_programs_detailed(programs)
     assert [r.value for r in res] == [None] * (len(programs) - 1) + [1.0], res
@@ -344,14 +346,23 @@ def test_crafted_bytecode_cannot_be_loaded(hooked, blind):
              "ext.cache_from_source = lambda p, *a, **k: '/tmp/evil.pyc'\n"
              "ext._validate_timestamp_pyc = lambda *a, **k: None\n"
              "sys.path.insert(0, '/tmp')\nimport evil\nreturn evil.X"),
+        # the same, with the loader's I/O patched so that the genuine loader reads the program's bytes
+        prog(payload + "import sys, io\nopen('/tmp/evil2.py', 'w').write('X = 1')\n"
+             "ext = sys.modules['_frozen_importlib_external']\nraw = ext.MAGIC_NUMBER + b'\\0' * 12 + data\n"
+             "real_cache, real_open = ext.cache_from_source, ext._io.open_code\n"
+             "ext.cache_from_source = lambda p, *a, **k: real_cache(sys.modules['os'].__file__)\n"
+             "ext._validate_timestamp_pyc = lambda *a, **k: None\nfake = type(sys)('fake_io')\n"
+             "fake.open_code = lambda p: io.BytesIO(raw) if p.endswith('.pyc') else real_open(p)\n"
+             "fake.FileIO = ext._io.FileIO\next._io = fake\n"
+             "sys.path.insert(0, '/tmp')\nimport evil2\nreturn evil2.X"),
         prog("import textwrap, csv, array\nreturn float(len(textwrap.wrap('a b c', 1)))"),
     ]
     res = hooked.run_programs_detailed(programs)
-    assert [r.value for r in res] == [None] * 4 + [3.0], res
-    details = [r.detail for r in res[:4]]
+    assert [r.value for r in res] == [None] * 5 + [3.0], res
+    details = [r.detail for r in res[:5]]
     assert all("marshal.loads is not allowed" in d for d in details[:2] + details[3:]), details
     assert "is invalid" in details[2], details  # get_frozen_object turns the hook's refusal into this
-    assert blind.run_programs(programs) == [42.0] * 4 + [3.0]
+    assert blind.run_programs(programs) == [42.0] * 5 + [3.0]
 
 
 # ------------------------------------------------------------------ 4. lexical path checks
@@ -425,7 +436,7 @@ def test_a_program_cannot_degrade_the_next():
     program pre-created the next work directories. Now each program gets a fresh tmpfs (an unmount
     cannot fail). One worker, so every program lands where the last one was."""
     nest, writer, precreate = degrade_programs()
-    with Sandbox(workers=1, timeout=20, audit_hook=False, tmp_mb=32) as pool:
+    with Sandbox(workers=1, timeout=PATIENT, audit_hook=False, tmp_mb=32) as pool:
         pid = pool.worker_pids
         res = pool.run_programs_detailed([nest, writer, precreate, writer, writer])
         assert res[0].status == "ok" and 1 <= res[0].value < 40, res[0]  # the tmpfs filled up
@@ -591,7 +602,7 @@ def test_sympy_programs(eager):
                      "from sympy import symbols, Eq, solve\n"),
                 prog("x = sympy.Symbol('x')\nreturn sympy.simplify((x ** 2 - 1) / (x - 1)).subs(x, 3)")]
     t0 = time.monotonic()
-    with Sandbox(workers=1, timeout=10, **kw) as pool:
+    with Sandbox(workers=1, timeout=PATIENT, **kw) as pool:
         start = time.monotonic() - t0
         assert pool.run_programs([prog("return 1")]) == [1.0]
         assert pool.run_programs(programs) == [3.0, 2.25, 6.0, 4.0]
@@ -600,7 +611,7 @@ def test_sympy_programs(eager):
 
 def test_missing_preload_module_is_skipped_with_a_warning():
     with pytest.warns(RuntimeWarning, match="carft_no_such_module"):
-        with Sandbox(workers=1, timeout=3, preload=("math", "carft_no_such_module"),
+        with Sandbox(workers=1, timeout=PATIENT, preload=("math", "carft_no_such_module"),
                      lazy_preload=("carft_no_such_lazy",)) as pool:
             errors = pool.layers["errors"]
             assert "preload carft_no_such_module" in errors
@@ -627,7 +638,7 @@ def test_an_interpreter_under_tmp_keeps_its_packages(tmp_path, monkeypatch):
         f.write("VALUE = 4.25\n")
     monkeypatch.setattr(sys, "executable", str(py))
     monkeypatch.setattr(sys, "path", [site_dir] + sys.path)
-    with Sandbox(workers=1, timeout=5, preload=DEFAULT_PRELOAD + (f"carft_probe_{token}",),
+    with Sandbox(workers=1, timeout=PATIENT, preload=DEFAULT_PRELOAD + (f"carft_probe_{token}",),
                  lazy_preload=(f"carft_lazy_{token}",), packages=()) as pool:
         assert pool.layers["minimal_root"]
         got = pool.run_programs([

@@ -139,14 +139,14 @@ def prog(body, imports=""):
     return imports + "def solution():\n" + "\n".join("    " + l for l in body.strip("\n").split("\n")) + "\n"
 PUBLIC, WRITABLE, GOLD, SECRET = sys.argv[1:5] if len(sys.argv) > 4 else ARGS
 try:
-    with Sandbox(workers=2, timeout=5) as sb:
+    with Sandbox(workers=2, timeout=30) as sb:
         out["layers"] = sb.layers
         out["values"] = sb.run_programs([
             prog("return 6 * 7"), prog("return float(os.getuid())", "import os\n"),
             prog("return float(len(textwrap.wrap('a b c', 1)))", "import textwrap\n"),
             prog("x = sympy.Symbol('x')\nreturn sympy.solve(2 * x - 6, x)[0]"),
             prog("open('f', 'w').write('5')\nreturn float(open('f').read())")])
-    with Sandbox(workers=1, timeout=5, audit_hook=False) as sb:
+    with Sandbox(workers=1, timeout=30, audit_hook=False) as sb:
         res = sb.run_programs_detailed([
             prog(f"return float(SECRET in open(PUBLIC).read())".replace("SECRET", repr(SECRET)).replace("PUBLIC", repr(PUBLIC))),
             prog(f"return float(len(open({GOLD!r}).read()))"),
@@ -202,7 +202,7 @@ except SandboxUnavailableError as e:
     out["refused"] = str(e)
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    cfg = RewardConfig(sandbox_workers=1, sandbox_timeout=5.0, sandbox_insecure_allow_no_namespaces=True)
+    cfg = RewardConfig(sandbox_workers=1, sandbox_timeout=30.0, sandbox_insecure_allow_no_namespaces=True)
     with Sandbox.from_config(cfg) as sb:
         out["layers"] = sb.layers
         out["values"] = sb.run_programs([
@@ -237,7 +237,7 @@ import json
 from carft_mega.reward.sandbox import Sandbox
 nest, writer, precreate = PROGRAMS
 out = {}
-with Sandbox(workers=1, timeout=20, namespaces="off", audit_hook=False, tmp_mb=32) as sb:
+with Sandbox(workers=1, timeout=30, namespaces="off", audit_hook=False, tmp_mb=32) as sb:
     pid = sb.worker_pids
     res = sb.run_programs_detailed([nest, writer, precreate, writer, writer])
     out["res"] = [[r.value, r.status, r.detail] for r in res]

@@ -125,7 +125,7 @@ def _status(pid):
 
 @needs_arch
 def test_every_server_runs_under_the_filter():
-    with Sandbox(workers=2, timeout=3) as pool:
+    with Sandbox(workers=2, timeout=30) as pool:
         assert pool.layers["seccomp"] and pool.layers["no_new_privs"]
         for wpid in pool.worker_pids:
             st = _status(_server_pid(wpid))
