@@ -479,9 +479,9 @@ def _remove_tree(top):
                     continue
                 except OSError:
                     pass
+                os.chmod(name, 0o700, dir_fd=fd)  # a directory (scandir said so) its owner may open
                 sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
                 try:
-                    os.chmod(sub, 0o700)
                     with os.scandir(sub) as it:
                         inner = [e.name for e in it]
                     for child in inner:

@@ -204,9 +204,12 @@ class _Worker:
         root = self.info.get("root")
         if root and not self.info.get("layers", {}).get("fresh_tmpfs") \
                 and os.path.basename(root).startswith("carft_sandbox_"):
-            import shutil
+            from ._sandbox_server import _remove_tree  # no recursion: a program may nest deeply
 
-            shutil.rmtree(root, ignore_errors=True)
+            try:
+                _remove_tree(root)
+            except Exception:
+                pass
 
     def close(self, wait: float = 2.0) -> None:
         try:

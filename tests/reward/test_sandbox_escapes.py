@@ -446,6 +446,36 @@ def test_a_program_cannot_degrade_the_next():
         assert pool.stats()["sandbox_errors"] == 0
 
 
+def test_weak_mode_cleanup_cannot_fail(tmp_path):
+    """The weak mode's (and a killed weak worker's) clean-up: a tree deeper than any recursion limit
+    and longer than PATH_MAX, with directories chmod 0 and a symlink out, goes without recursion and
+    without following the link (shutil.rmtree raised RecursionError on such a tree)."""
+    from carft_mega.reward._sandbox_server import _remove_tree
+
+    top = tmp_path / "work"
+    top.mkdir()
+    outside = tmp_path / "keep.txt"
+    outside.write_text("keep")
+    fd = os.open(top, os.O_RDONLY)
+    try:
+        for i in range(3000):  # 3000 levels: deeper than sys.getrecursionlimit(), path > PATH_MAX
+            os.mkdir("d", dir_fd=fd)
+            nfd = os.open("d", os.O_RDONLY, dir_fd=fd)
+            if i % 500 == 0:
+                with open(os.open("f", os.O_CREAT | os.O_WRONLY, 0o600, dir_fd=nfd), "w") as f:
+                    f.write("x")
+                os.symlink(str(outside), "link", dir_fd=nfd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
+    (top / "d").chmod(0)
+    with pytest.raises((RecursionError, OSError)):  # root: RecursionError; others: the chmod 0
+        shutil.rmtree(top)
+    assert _remove_tree(str(top)) is None
+    assert not top.exists() and outside.read_text() == "keep"
+
+
 # ------------------------------------------------------------------ 6. signals in root mode
 
 def test_server_has_no_signal_handlers_and_programs_no_signal_functions(blind):
