@@ -18,7 +18,8 @@ removed without recursion afterwards); rlimits (CPU, address space, file size, n
 threads, 64 fds, no core); ``nobody`` when the trainer is root; an empty environment; the process and
 signal functions removed from ``os``/``posix``, ``_imp.create_builtin`` deleted (no fresh ``posix``);
 then the audit hook (which lets ``marshal.loads`` through only for the import system's own ``.pyc``
-reads from the read-only runtime). After it ends, the server, as pid 1, kills every process left in its namespace.
+reads from the read-only runtime). After it ends, the server, as pid 1, kills every process left in
+its namespace.
 """
 
 import errno
@@ -682,7 +683,8 @@ def main():
         os.mkdir(root, 0o711)
         os.chmod(root, 0o711)
     state = {"cfg": cfg, "root": root, "workdir": setup["workdir"], "n": 0, "drop": drop, "ctl": ctl,
-             "pending": False, "reuse": False, "fresh": None, "pid1": layers.get("pidns", False) and os.getpid() == 1, "lazy": lazy,
+             "pending": False, "reuse": False, "fresh": None,
+             "pid1": layers.get("pidns", False) and os.getpid() == 1, "lazy": lazy,
              "lazy_errors": {}, "host_modules": frozenset(setup["host_modules"]),
              "denied": _DENY_IMPORTS | frozenset(setup["hidden"]), "read_roots": tuple(setup["read_roots"]),
              "cleanup_errors": 0, "signal": sig}

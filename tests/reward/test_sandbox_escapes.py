@@ -423,7 +423,8 @@ def degrade_programs():
                 "except OSError:\n    pass\nreturn float(n)")
     precreate = prog("import os\nhere = os.getcwd()\nup = os.path.dirname(here)\nmade = 0\nfor i in range(200):\n"
                      "    for name in (f'p{i}', str(i)):\n        try:\n"
-                     "            os.mkdir(os.path.join(up, name)); made += 1\n        except OSError:\n            pass\n"
+                     "            os.mkdir(os.path.join(up, name))\n            made += 1\n"
+                     "        except OSError:\n            pass\n"
                      "try:\n    os.chmod(here, 0)\nexcept OSError:\n    pass\nreturn float(made)")
     writer = prog("import os\nassert os.listdir('.') == [], os.listdir('.')\nopen('out.txt', 'w').write('7')\n"
                   "return float(open('out.txt').read())")
@@ -516,9 +517,10 @@ def test_stdlib_imports_as_nobody_behind_a_0700_directory(tmp_path):
         "import sys, json\n"
         f"sys.path[:0] = {[REPO] + site.getsitepackages()!r}\n"
         "from carft_mega.reward.sandbox import Sandbox\n"
-        "with Sandbox(workers=1, timeout=10, packages=(), lazy_preload=()) as sb:\n"
+        "with Sandbox(workers=1, timeout=30, packages=(), lazy_preload=()) as sb:\n"
         "    progs = ['import textwrap\\ndef solution():\\n    return len(textwrap.wrap(\"a b c\", 1))\\n',\n"
-        "             'import csv, io\\ndef solution():\\n    return len(list(csv.reader(io.StringIO(\"1,2\\\\n3,4\"))))\\n',\n"
+        "             'import csv, io\\ndef solution():\\n'\n"
+        "             '    return len(list(csv.reader(io.StringIO(\"1,2\\\\n3,4\"))))\\n',\n"
         "             'import array\\ndef solution():\\n    return sum(array.array(\"i\", [1, 2, 3]))\\n',\n"
         "             'import os\\ndef solution():\\n    return os.getuid()\\n']\n"
         "    print(json.dumps({'exe': sys.executable, 'values': sb.run_programs(progs), 'layers': sb.layers}))\n")
@@ -547,7 +549,8 @@ def test_misconfigured_sandbox_is_reported_not_scored(hooked):
     assert [r.status for r in res] == ["sandbox_error", "error", "ok"], res
     assert "numpy" in res[0].detail
     st = hooked.stats()
-    assert st["sandbox_errors"] == 1 and st["ok"] == 1 and st["error"] == 1 and "numpy" in st["sandbox_error_details"][0]
+    assert st["sandbox_errors"] == 1 and st["ok"] == 1 and st["error"] == 1
+    assert "numpy" in st["sandbox_error_details"][0]
     assert hooked.stats()["sandbox_errors"] == 0  # reset
 
 

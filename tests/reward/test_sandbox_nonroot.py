@@ -148,7 +148,7 @@ try:
             prog("open('f', 'w').write('5')\nreturn float(open('f').read())")])
     with Sandbox(workers=1, timeout=30, audit_hook=False) as sb:
         res = sb.run_programs_detailed([
-            prog(f"return float(SECRET in open(PUBLIC).read())".replace("SECRET", repr(SECRET)).replace("PUBLIC", repr(PUBLIC))),
+            prog(f"return float({SECRET!r} in open({PUBLIC!r}).read())"),
             prog(f"return float(len(open({GOLD!r}).read()))"),
             prog(f"open({WRITABLE!r} + '/escaped', 'w').write('x')\nreturn 1"),
             prog("return float(len(os.listdir('/proc')))", "import os\n"),
