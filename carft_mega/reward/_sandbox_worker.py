@@ -318,11 +318,11 @@ def main():
             _reply({"ready": False, "fatal": f"sandbox set-up: {e}", "layers": layers, "errors": errors})
             return 1
     if not full:  # weak mode: seccomp, then the server in this process; programs see the host
-        r, w = os.pipe()
-        os.write(w, json.dumps({**common, **plan["host"], "full": False, "layers": layers, "errors": errors,
-                                "workdir": None}).encode() + b"\n")
-        os.close(w)
-        _place_fds([r])
+        conf = os.memfd_create("carft_sandbox_config", os.MFD_CLOEXEC)  # any size, unlike a pipe
+        os.write(conf, json.dumps({**common, **plan["host"], "full": False, "layers": layers, "errors": errors,
+                                   "workdir": None}).encode() + b"\n")
+        os.lseek(conf, 0, os.SEEK_SET)
+        _place_fds([conf])
         _exec_server(lib, plan["host"]["exe"], cfg, src)
         return 1
     try:
