@@ -14,14 +14,15 @@ import pytest
 from carft_mega.reward import Sandbox, default_sandbox, run_programs, set_default_sandbox
 
 SECRET_VAR, SECRET = "CARFT_TEST_SECRET", "31337"
-TIMEOUT = 1.0
+TIMEOUT = 1.0  # what the timeout tests use
+PATIENT = 20.0  # the pool's default: programs that must finish do, even at load 25 on 2 cores
 
 
 @pytest.fixture(scope="module")
 def sb():
     os.environ[SECRET_VAR] = SECRET  # the workers must not see the trainer's environment
     try:
-        with Sandbox(workers=2, timeout=TIMEOUT, cpu_seconds=1, memory_mb=256) as pool:
+        with Sandbox(workers=2, timeout=PATIENT, cpu_seconds=1, memory_mb=256) as pool:
             yield pool
     finally:
         os.environ.pop(SECRET_VAR, None)
@@ -75,7 +76,7 @@ def test_timeouts(sb):
     hostile = [prog("while True:\n    pass"), prog("time.sleep(60)", "import time\n"),
                prog('while True:\n    print("x" * 100000)'), prog("return 10 ** 10 ** 10")]
     t0 = time.monotonic()
-    res = sb.run_programs_detailed(hostile + [prog("return 1")])
+    res = sb.run_programs_detailed(hostile + [prog("return 1")], timeout=TIMEOUT)
     wall = time.monotonic() - t0
     assert [r.value for r in res] == [None] * 4 + [1.0]
     assert res[0].status in ("timeout", "crashed") and res[1].status == "timeout"
@@ -222,7 +223,7 @@ def test_dead_worker_is_replaced(sb):
     pids = sb.worker_pids
     os.kill(pids[0], signal.SIGKILL)
     time.sleep(0.05)
-    res = sb.run_programs_detailed([prog(f"return {i}") for i in range(6)], timeout=5.0)  # (a busy box)
+    res = sb.run_programs_detailed([prog(f"return {i}") for i in range(6)])
     assert [r.value for r in res] == [float(i) for i in range(6)], res
     new = sb.worker_pids
     assert new[0] != pids[0] and new[1] == pids[1] and sb.replaced >= 1
@@ -249,16 +250,16 @@ def test_worker_killed_mid_job(sb):
     """A worker killed from outside while a program runs: its child dies with it (no orphan), the
     program is retried once on a fresh worker, and the pool carries on."""
     pids = sb.worker_pids
-    killer = threading.Timer(0.15, lambda: [os.kill(p, signal.SIGKILL) for p in pids])
+    killer = threading.Timer(0.3, lambda: [os.kill(p, signal.SIGKILL) for p in pids])
     killer.start()
-    try:
-        res = sb.run_programs_detailed([prog("time.sleep(0.4)\nreturn 5", "import time\n"),
-                                        prog("time.sleep(30)\nreturn 6", "import time\n")])
+    try:  # (program 0 runs 2 s: even on a busy box the killer fires while both workers are busy)
+        res = sb.run_programs_detailed([prog("time.sleep(2.0)\nreturn 5", "import time\n"),
+                                        prog("time.sleep(30)\nreturn 6", "import time\n")], timeout=5.0)
     finally:
         killer.join()
     assert res[0].value == 5.0 and res[1].value is None and res[1].status == "timeout"  # the retry timed out
     new = sb.worker_pids
-    assert not set(new) & set(pids)
+    assert not set(new) & set(pids), (pids, new, res)
     time.sleep(0.2)
     assert _orphans() == []
     _healthy(sb, new)
