@@ -5,20 +5,21 @@ carft_mega but ``_sandbox_seccomp`` (stdlib and ctypes only). It reads one JSON 
 and the root plan of ``_sandbox_view.plan``) from stdin, then:
 
 full mode (the default; refused start when the kernel does not allow it):
-  1. dies with the trainer (PR_SET_PDEATHSIG);
-  2. when not root, a new user namespace first (CLONE_NEWUSER, identity map of the trainer's uid/gid,
+  1. when not root, a new user namespace first (CLONE_NEWUSER, identity map of the trainer's uid/gid,
      setgroups denied), then new mount, PID, network, IPC, UTS and cgroup namespaces; it then holds an
      O_PATH descriptor for everything the root will show (before the staging tmpfs hides any of it);
-  3. builds the root on a fresh tmpfs (the plan's binds, symlinks, hidden files, devices), makes it
-     all read-only and nosuid (mount_setattr, AT_RECURSIVE), and pivot_roots into it, detaching the
-     host's tree;
-  4. forks the server's process, pid 1 of the new PID namespace, which drops the capability bounding
-     set (root: all but SETUID/SETGID/KILL, needed to run programs as ``nobody`` and kill them),
-     installs the seccomp filter (``_sandbox_seccomp``) with no_new_privs, and execs a fresh
-     interpreter on the server's source (so no ctypes, nothing of this process, is in its memory);
-  5. stays behind as the mounter: for every program the server asks for (``m``), it unmounts the
+  2. builds the root on a fresh tmpfs (the plan's binds, symlinks, hidden files, devices), makes it
+     all read-only and nosuid (mount_setattr, AT_RECURSIVE; or remounts), checks it, and pivot_roots
+     into it, detaching the host's tree;
+  3. forks the server's process, pid 1 of the new PID namespace, which dies with this one
+     (PR_SET_PDEATHSIG), drops the capability bounding set (root: all but SETUID/SETGID/KILL, needed
+     to run programs as ``nobody`` and kill them), installs the seccomp filter (``_sandbox_seccomp``)
+     with no_new_privs, and execs a fresh interpreter on the server's source (so no ctypes, nothing of
+     this process, is in its memory);
+  4. stays behind as the mounter: for every program the server asks for (``m``), it unmounts the
      previous program's tmpfs (MNT_DETACH cannot fail) and mounts a fresh, empty one at /tmp, owned
-     by the programs' uid. It exits when the server does.
+     by the programs' uid. It exits when the server does; the server exits at EOF on its stdin, which
+     is also what the trainer's death looks like.
 weak mode (only if the user opted in, or namespaces were turned off): no namespaces and no new root;
   the seccomp filter and no_new_privs, then exec of the server in this same process.
 A set-up error is reported as ``{"ready": false, "fatal": ...}`` on stdout.
@@ -291,9 +292,9 @@ def main():
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_server.py")) as f:
         src = f.read()  # now: the root built below does not have it
     lib = _Libc()
-    lib.prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL: die with the trainer ...
-    if os.getppid() != msg["parent"]:  # ... which may have died before the prctl
-        os._exit(1)
+    # No PR_SET_PDEATHSIG here: it fires when the trainer *thread* that started this worker exits, and
+    # a pool may be created from any thread. The trainer's death closes the server's stdin instead:
+    # the server ends, and this process with it.
     root = os.geteuid() == 0
     uid, gid = _nobody() if root else (os.getuid(), os.getgid())
     seccomp_ok = cfg.get("seccomp", True) and lib.arch is not None

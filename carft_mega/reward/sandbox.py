@@ -135,7 +135,7 @@ class _Worker:
         self.fd = self.proc.stdout.fileno()
         self.buf = b""
         self.info: dict = {}
-        self.proc.stdin.write(json.dumps(dict(message, parent=os.getpid())).encode() + b"\n")
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
         self.proc.stdin.flush()
         line = self._read_line(time.monotonic() + _START_TIMEOUT)
         if line is None:

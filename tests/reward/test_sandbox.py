@@ -5,6 +5,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -263,6 +265,40 @@ def test_worker_killed_mid_job(sb):
     time.sleep(0.2)
     assert _orphans() == []
     _healthy(sb, new)
+
+
+def test_workers_end_when_the_trainer_is_killed():
+    """A trainer killed with SIGKILL (a scheduler's preemption) leaves nothing behind: the server sees
+    EOF on its stdin once the running program's timeout has passed, and the worker ends with it."""
+    script = ("import sys, time\n"
+              "from carft_mega.reward.sandbox import Sandbox\n"
+              "sb = Sandbox(workers=1, timeout=2.0)\n"
+              "print(' '.join(map(str, sb.worker_pids)), flush=True)\n"
+              "sb.run_programs(['import time\\ndef solution():\\n    time.sleep(60)\\n'])\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in trainer.stdout.readline().split()]
+        assert pids
+        with open(f"/proc/{pids[0]}/task/{pids[0]}/children") as f:
+            pids += [int(p) for p in f.read().split()]  # the server
+        time.sleep(0.5)  # the program is running
+        trainer.kill()
+        trainer.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        assert not [p for p in pids if _alive(p)], pids
+    finally:
+        trainer.kill()
+        trainer.wait()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_rejected_inputs(sb):
