@@ -580,7 +580,26 @@ def rollout_metrics(run, roll, scores, correct, preds, logp_old, logp_ref, actio
     dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=parallel.dp_group())
     return {"reward/score": score / n, "reward/accuracy": acc / n, "reward/extracted": extracted / n,
             "rollout/gen_len": gen_len / n, "rollout/eos_frac": eos / n, "rollout/kl": kl_sum / max(1.0, tok),
-            "rollout/logp_mismatch_max": mismatch.item(), "rollout/tokens": gen_len}
+            "rollout/logp_mismatch_max": mismatch.item(), "rollout/tokens": gen_len, **sandbox_metrics(run)}
+
+
+_SANDBOX_COUNTS = ("sandbox_error", "timeout", "crashed", "worker_died", "worker_hung", "rejected")
+
+
+def sandbox_metrics(run) -> dict[str, float]:
+    """Sandbox outcomes since the previous step, summed over the world (programs run on each TP
+    group's first rank only, so the others add zeros). ``sandbox/sandbox_error`` counts programs
+    that failed because of the sandbox, not of themselves (docs/sandbox.md): it should stay 0, and
+    the first details are printed when it does not."""
+    if run.cfg.data.style != "python":
+        return {}
+    stats = run.sandbox.stats(reset=True) if run.sandbox is not None else {k: 0 for k in _SANDBOX_COUNTS}
+    if stats.get("sandbox_errors") and stats["sandbox_error_details"]:
+        print(f"[rank {dist.get_rank()}] sandbox errors this step ({stats['sandbox_errors']}): "
+              + "; ".join(stats["sandbox_error_details"][:3]), flush=True)
+    t = torch.tensor([float(stats[k]) for k in _SANDBOX_COUNTS], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return {f"sandbox/{k}": v for k, v in zip(_SANDBOX_COUNTS, t.tolist())}
 
 
 # bf16 dense peak FLOP/s per GPU for MFU (vendor data sheets).
