@@ -151,12 +151,13 @@ def make_experience(run: Run, policy, ref_model, step: int, terms: list, timer: 
     lengths = roll.lengths.cpu()  # one transfer; every later slice width is read on the host
     with timer("old_forward"):
         old = forward_batched(policy, roll.tokens, lengths, spans_r, mb, temperature=T)
-    with timer("annotated_forward"):
-        # Annotated rows: one forward per prompt; its G rows' spans become K * G masks of that row.
-        a_rows = slice(0, None, G)
-        a_spans = None if spans_a is None else Spans(spans_a.names, _per_prompt(spans_a.masks, G))
-        ann_out = forward_batched(policy, ann["tokens"][a_rows], ann["lengths"][a_rows].cpu(), a_spans, mb,
-                                  need_logp=False)
+    a_rows = slice(0, None, G)
+    if spans_a is not None:  # ReFT / Dr.GRPO without the embedding reward pool nothing from them
+        with timer("annotated_forward"):
+            # Annotated rows: one forward per prompt; its G rows' spans become K * G masks of that row.
+            a_spans = Spans(spans_a.names, _per_prompt(spans_a.masks, G))
+            ann_out = forward_batched(policy, ann["tokens"][a_rows], ann["lengths"][a_rows].cpu(), a_spans, mb,
+                                      need_logp=False)
     with timer("ref_forward"):
         logp_ref = forward_batched(ref_model, roll.tokens, lengths, None, mb, temperature=T).logp
     zr = spans_r.pooled(old.z, old.z_valid) if spans_r is not None else {}
@@ -181,7 +182,8 @@ def make_experience(run: Run, policy, ref_model, step: int, terms: list, timer: 
                      n_tokens=counts[0].clamp(min=1), n_seqs=counts[1].clamp(min=1))
     exp.metrics = rollout_metrics(run, roll, scores, correct, preds, old.logp, logp_ref, action_mask)
     exp.metrics["perf/pad_frac_forward"] = padding_share(lengths, mb)  # old, ref and update forwards
-    exp.metrics["perf/pad_frac_annotated"] = padding_share(ann["lengths"][a_rows], mb)
+    if spans_a is not None:
+        exp.metrics["perf/pad_frac_annotated"] = padding_share(ann["lengths"][a_rows], mb)
     return exp
 
 

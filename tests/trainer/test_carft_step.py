@@ -227,3 +227,25 @@ def test_drgrpo_step(tmp_path):
         assert res["epochs"][1]["actor/kl_loss"] > 0.0
     finally:
         parallel.destroy()
+
+
+@pytest.mark.parametrize("overrides,annotated,n_forwards", [
+    (["contrastive.signal=none", "reward.partial=reft"], False, 2),       # ReFT: old + ref
+    (["contrastive.signal=none", "reward.partial=embedding"], True, 3),   # + annotated (embedding reward)
+    (["contrastive.signal=positive", "reward.partial=reft"], True, 4),    # + the epoch-2 bank refresh
+])
+def test_annotated_forward_only_when_something_is_pooled(tmp_path, monkeypatch, overrides, annotated, n_forwards):
+    """ReFT without the embedding reward uses nothing of the annotated rows: no forward of them."""
+    import carft_mega.trainer.carft as carft
+
+    calls = []
+    real = carft.forward_batched
+
+    def counting(model, tokens, *a, **kw):
+        calls.append(tokens.shape[0])
+        return real(model, tokens, *a, **kw)
+
+    monkeypatch.setattr(carft, "forward_batched", counting)
+    res = one_step(str(tmp_path / "a"), overrides)
+    assert len(calls) == n_forwards, calls
+    assert ("perf/pad_frac_annotated" in res["rollout"]) == annotated
