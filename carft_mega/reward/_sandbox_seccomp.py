@@ -14,6 +14,8 @@ from how container runtimes write theirs (the ENOSYS answer to clone3 is Docker'
   * another architecture in seccomp_data.arch (e.g. int 0x80 on x86_64): the process is killed;
   * x32 syscall numbers (bit 30 set on x86_64): EPERM;
   * clone(2) with any CLONE_NEW* flag: EPERM; plain fork/vfork/threads pass;
+  * prlimit64, setpriority, sched_set*, ioprio_set, migrate_pages, move_pages: only with pid 0
+    (the caller itself), so a program cannot change the server's limits or scheduling;
   * clone3(2): ENOSYS, since its flags sit in memory a filter cannot read; glibc then uses clone(2);
   * execve(2): EPERM; execveat(2) only with ``exec_fd`` as the directory fd, which is how the worker
     starts the server (``os.execve(fd, ...)`` is fexecve, i.e. execveat(fd, "", AT_EMPTY_PATH)).
@@ -45,6 +47,7 @@ _X86_64 = {
     "open_by_handle_at": 304, "lookup_dcookie": 212, "fanotify_init": 300, "sethostname": 170,
     "setdomainname": 171, "settimeofday": 164, "clock_settime": 227, "clock_adjtime": 305, "adjtimex": 159,
     "vhangup": 153, "syslog": 103, "iopl": 172, "ioperm": 173, "modify_ldt": 154, "uselib": 134,
+    "memfd_create": 319, "process_madvise": 440, "personality": 135,
     "execve": 59, "execveat": 322, "clone": 56, "clone3": 435,
 }
 _AARCH64 = {
@@ -62,9 +65,22 @@ _AARCH64 = {
     "swapoff": 225, "acct": 89, "quotactl": 60, "quotactl_fd": 443, "name_to_handle_at": 264,
     "open_by_handle_at": 265, "lookup_dcookie": 18, "fanotify_init": 262, "sethostname": 161,
     "setdomainname": 162, "settimeofday": 170, "clock_settime": 112, "clock_adjtime": 266, "adjtimex": 171,
-    "vhangup": 58, "syslog": 116, "execve": 221, "execveat": 281, "clone": 220, "clone3": 435,
+    "vhangup": 58, "syslog": 116, "memfd_create": 279, "process_madvise": 440, "personality": 92,
+    "execve": 221, "execveat": 281, "clone": 220, "clone3": 435,
 }
 TABLES = {"x86_64": _X86_64, "aarch64": _AARCH64}
+# Allowed only on the calling process itself: (syscall number, index of its pid argument). In the
+# unprivileged (user-namespace) mode a program has the server's uid, so the kernel's permission check
+# would let it lower the server's RLIMIT_NOFILE, renice it or pin it to one CPU, which outlives the
+# program (found by a red-team run). Every caller in the runtime passes pid 0 (glibc's setrlimit is
+# prlimit64(0, ...)), so "not 0" is refused with EPERM.
+_SELF_ONLY_X86_64 = {"prlimit64": (302, 0), "setpriority": (141, 1), "sched_setparam": (142, 0),
+                     "sched_setscheduler": (144, 0), "sched_setaffinity": (203, 0), "sched_setattr": (314, 0),
+                     "ioprio_set": (251, 1), "migrate_pages": (256, 0), "move_pages": (279, 0)}
+_SELF_ONLY_AARCH64 = {"prlimit64": (261, 0), "setpriority": (140, 1), "sched_setparam": (118, 0),
+                      "sched_setscheduler": (119, 0), "sched_setaffinity": (122, 0), "sched_setattr": (274, 0),
+                      "ioprio_set": (30, 1), "migrate_pages": (238, 0), "move_pages": (239, 0)}
+SELF_ONLY = {"x86_64": _SELF_ONLY_X86_64, "aarch64": _SELF_ONLY_AARCH64}
 _AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}  # <linux/audit.h>
 _MACHINES = {"x86_64": "x86_64", "amd64": "x86_64", "aarch64": "aarch64", "arm64": "aarch64"}
 
@@ -112,6 +128,12 @@ def build_filter(arch: str, exec_fd: int | None = None) -> list[tuple]:
     for name in DENIED:
         if name in nrs:
             prog += [_jump(_JEQ_K, nrs[name], 0, 1), _stmt(_RET_K, deny)]
+    for nr, arg in SELF_ONLY[arch].values():  # pid argument (an int: its low word decides) must be 0
+        prog += [_jump(_JEQ_K, nr, 0, 4),
+                 _stmt(_LD_W_ABS, _OFF_ARG0_LO + 8 * arg),
+                 _jump(_JEQ_K, 0, 1, 0),
+                 _stmt(_RET_K, deny),
+                 _stmt(_RET_K, _RET_ALLOW)]
     prog += [_jump(_JEQ_K, nrs["execve"], 0, 1), _stmt(_RET_K, deny)]
     prog += [_jump(_JEQ_K, nrs["clone3"], 0, 1), _stmt(_RET_K, _RET_ERRNO | ENOSYS)]
     # clone: flags in args[0] (both architectures); the namespace flags live in its low word.

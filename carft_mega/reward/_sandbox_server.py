@@ -75,7 +75,8 @@ _REMOVED_OS_FUNCS = ("kill", "killpg", "pidfd_open", "setpgid", "setpgrp", "sets
                      "posix_spawn", "posix_spawnp", "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl",
                      "spawnle", "spawnlp", "spawnlpe", "system", "popen", "setns", "unshare",
                      "register_at_fork", "setuid", "seteuid", "setreuid", "setresuid", "setgid", "setegid",
-                     "setregid", "setresgid", "setgroups", "_fork_exec")
+                     "setregid", "setresgid", "setgroups", "_fork_exec", "memfd_create", "setpriority",
+                     "sched_setscheduler", "sched_setparam", "sched_setaffinity")
 # Dropped from sys.modules after the preload, with every attribute that points at them.
 _FORGOTTEN_MODULES = ("ctypes", "_ctypes", "signal", "_signal", "subprocess", "_posixsubprocess")
 # Extension modules the server itself never loads (the root has them as empty files anyway; in the weak
@@ -164,7 +165,8 @@ def _make_audit_hook(workdir, read_roots):
              _read_events=_READ_EVENTS, _setattr_events=_SETATTR_EVENTS, _protected=_PROTECTED_ATTRS,
              _norm=norm, _inside=inside, _wd=(workdir,),
              _read=(workdir,) + tuple(read_roots), _runtime=tuple(read_roots), _pyc=pyc, _Err=PermissionError,
-             _int=int, _type=type, _str=str, _none=None, _wflags=write_flags):
+             _int=int, _type=type, _str=str, _none=None, _wflags=write_flags, _function=types.FunctionType,
+             _getframe=sys._getframe):
         if event in _deny:
             raise _Err(f"sandbox: {event} is not allowed")
         if event == "marshal.loads":
@@ -208,10 +210,15 @@ def _make_audit_hook(workdir, read_roots):
                     raise _Err(f"sandbox: {event} outside the working directory")
         elif event in _setattr_events:
             # The hook's helpers are reachable through the frame of a refused call in a traceback;
-            # rewiring them (their __defaults__ hold the working directory) is refused. A program's
-            # own functions (namedtuple sets __new__.__defaults__) are its business.
-            if args[1] in _protected and (args[0] is _norm or args[0] is _inside):
-                raise _Err(f"sandbox: setting {args[1]} is not allowed")
+            # rewiring them, or the hook itself should a program ever reach it (its __defaults__ hold
+            # the deny sets, its __code__ is the check), is refused. The hook is recognised by its
+            # code: its own frame's. A program's own functions (namedtuple sets __new__.__defaults__)
+            # are its business.
+            if args[1] in _protected:
+                target = args[0]
+                if target is _norm or target is _inside or (_type(target) is _function
+                                                             and target.__code__ is _getframe(0).f_code):
+                    raise _Err(f"sandbox: setting {args[1]} is not allowed")
         elif event in _read_events:
             path = args[0]
             if path is _none:
@@ -371,6 +378,9 @@ def _child(code, workdir, cfg, state):
         state.clear()
         if hook is not None:  # off only in tests of the OS layers alone
             addaudithook(hook)
+        # A program sees this frame (sys._getframe(1) in solution()): nothing it holds may be the hook,
+        # a way to add or rewire one, or the signal module (red-team finding: f_locals['hook']).
+        del hook, addaudithook, sig
     except BaseException as e:
         try:
             write(3, f"Ssetup failed: {type(e).__name__}: {e}"[:4096].encode())

@@ -101,6 +101,11 @@ def _probe_modules() -> tuple[str, ...]:
 _STATUSES = ("ok", "error", "timeout", "crashed", "rejected", "worker_died", "worker_hung", "sandbox_error")
 
 
+def _printable(text: str, limit: int = 1000) -> str:
+    """``text`` with control characters (ANSI escapes, newlines) as ``\\xNN`` escapes, cut to ``limit``."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+
+
 class SandboxResult(NamedTuple):
     """Outcome of one program.
 
@@ -420,12 +425,14 @@ class Sandbox:
 
     @staticmethod
     def _parse_reply(line: bytes) -> SandboxResult:
+        # A detail is program-controlled text (an exception message; a program can even mark itself a
+        # sandbox error): it reaches logs only as printable characters.
         try:
             r = json.loads(line)
             value = r["value"]
             if value is not None:
                 value = float(value)
-            return SandboxResult(value, str(r["status"]), str(r["detail"]), float(r["seconds"]))
+            return SandboxResult(value, str(r["status"]), _printable(str(r["detail"])), float(r["seconds"]))
         except (ValueError, KeyError, TypeError):
             return SandboxResult(None, "sandbox_error", "malformed worker reply", 0.0)
 

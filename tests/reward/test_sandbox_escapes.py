@@ -689,3 +689,75 @@ def test_an_interpreter_under_tmp_keeps_its_packages(tmp_path, monkeypatch):
         ])
     assert got == [17.5, 4.25, None]
     assert not os.path.exists(os.path.join(site_dir, "evil.py"))
+
+
+def test_hook_is_not_reachable_from_the_callers_frame(hooked):
+    """Red-team finding: solution()'s caller frame held the hook (and the signal module) as locals,
+    and ``f_locals['hook'].__code__ = ...`` switched it off. The frame now holds neither."""
+    blinding = prog("""
+f = sys._getframe(1)
+if 'sig' in f.f_locals or 'addaudithook' in f.f_locals:
+    return -1.0
+if 'hook' in f.f_locals:
+    f.f_locals['hook'].__code__ = (lambda e, a: None).__code__
+import gc
+return float(len(gc.get_objects()))
+""", "import sys\n")
+    res = hooked.run_programs_detailed([blinding, prog("return 6 * 7")])
+    assert res[0].value is None and "gc.get_objects is not allowed" in res[0].detail, res[0]
+    assert res[1].value == 42.0
+
+
+_REWIRE = r"""
+import json, sys, tempfile
+sys.path.insert(0, {libdir!r})
+import _sandbox_server as srv
+wd = tempfile.mkdtemp()
+hook = srv._make_audit_hook(wd, ())
+sys.addaudithook(hook)
+out = {{}}
+for attr, value in (("__code__", (lambda e, a: None).__code__), ("__defaults__", ()), ("__kwdefaults__", {{}})):
+    try:
+        setattr(hook, attr, value)
+        out[attr] = "changed"
+    except PermissionError as e:
+        out[attr] = str(e)
+def mine(a=1):
+    return a
+mine.__defaults__ = (2,)  # a program's own functions are its business
+out["own"] = mine()
+try:
+    open("/etc/hostname")
+    out["open"] = "opened"
+except PermissionError as e:
+    out["open"] = str(e)
+print(json.dumps(out))
+"""
+
+
+def test_hook_refuses_to_be_rewired_even_when_reached():
+    """Should a program ever hold the hook function, its code and defaults cannot be replaced (in a
+    subprocess: an audit hook cannot be removed from the process that added it)."""
+    code = _REWIRE.format(libdir=os.path.dirname(_sandbox_view.__file__))
+    p = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    for attr in ("__code__", "__defaults__", "__kwdefaults__"):
+        assert out[attr] == f"sandbox: setting {attr} is not allowed", out
+    assert out["own"] == 2 and "outside the working directory" in out["open"], out
+
+
+def test_memfd_is_unavailable(blind):
+    """Red-team finding: memfd_create memory is not counted by RLIMIT_AS (58 x 15 MiB per program).
+    os.memfd_create is gone from program space and the syscall is filtered."""
+    res = blind.run_programs_detailed([prog("os.memfd_create('x')\nreturn 1", "import os\n"),
+                                       prog("return 6 * 7")])
+    assert res[0].value is None and "memfd_create" in res[0].detail, res[0]
+    assert res[1].value == 42.0
+
+
+def test_details_reach_the_log_as_printable_text(hooked):
+    """A program's exception text is program-controlled: escapes and newlines come back escaped."""
+    res = hooked.run_programs_detailed([prog("raise ValueError('\\x1b[2J\\nforged line\\r')")])[0]
+    assert res.value is None and res.detail.isprintable(), res
+    assert "\\x1b" in res.detail and "\\n" in res.detail, res.detail

@@ -156,6 +156,21 @@ try:
             prog("import _thread\n_thread.start_new_thread(print, ())\nreturn 1"),
             prog("return float(os.getuid())", "import os\n")])
         out["attacks"] = [[r.value, r.status, r.detail] for r in res]
+        # The server (pid 1 of the namespace) has the programs' uid here: its limits and scheduling
+        # must still be out of reach (seccomp: pid 0 only), and the next program unaffected.
+        probe = prog("return float(len(os.sched_getaffinity(1)) * 100 + os.getpriority(os.PRIO_PROCESS, 1) + 20)",
+                     "import os\n")
+        res = sb.run_programs_detailed([
+            probe,
+            prog("resource.prlimit(1, resource.RLIMIT_NOFILE, (6, 6))\nreturn 1", "import resource\n"),
+            prog("resource.prlimit(1, resource.RLIMIT_CPU, (0, 0))\nreturn 1", "import resource\n"),
+            prog("os.setpriority(os.PRIO_PROCESS, 1, 19)\nreturn 1", "import os\n"),
+            prog("os.sched_setaffinity(1, {0})\nreturn 1", "import os\n"),
+            prog("os.memfd_create('x')\nreturn 1", "import os\n"),
+            probe,
+            prog("open('f', 'w').write('5')\nreturn float(open('f').read())")])
+        out["server_state"] = [[r.value, r.status, r.detail] for r in res]
+        out["replaced"] = sb.stats()["replaced"]
 except SandboxUnavailableError as e:
     out["refused"] = str(e)
 out["escaped"] = os.path.exists(WRITABLE + "/escaped")
@@ -188,6 +203,11 @@ def test_unprivileged_trainer_gets_the_full_isolation(sentinels):
     assert "can't start new thread" in out["attacks"][5][2], out["attacks"][5]  # RLIMIT_NPROC in the userns
     assert all("No such file or directory" in a[2] for a in out["attacks"][:2]), out["attacks"]
     assert not out["escaped"] and not os.path.exists(os.path.join(sentinels["writable"], "escaped"))
+    state = out["server_state"]
+    assert state[0][0] is not None and state[6][0] == state[0][0], state  # affinity and nice unchanged
+    assert [a[0] for a in state[1:6]] == [None] * 5, state
+    assert all("Operation not permitted" in a[2] or "has no attribute" in a[2] for a in state[1:6]), state
+    assert state[7][0] == 5.0 and out["replaced"] == 0, (state, out["replaced"])
 
 
 _REFUSED = r"""

@@ -27,7 +27,7 @@ def test_syscall_numbers_match_the_kernel_headers(arch):
     with open(path) as f:
         text = f.read()
     nrs = {k: int(v) for k, v in re.findall(r"#define __NR3?2?6?4?_(\w+)\s+(\d+)\b", text)}
-    table = sc.TABLES[arch]
+    table = {**sc.TABLES[arch], **{n: nr for n, (nr, _) in sc.SELF_ONLY[arch].items()}}
     missing = [n for n in table if n not in nrs]
     assert not missing, missing
     wrong = {n: (table[n], nrs[n]) for n in table if table[n] != nrs[n]}
@@ -57,12 +57,36 @@ def call(name, *args):
     r = libc.syscall(ctypes.c_long(nrs[name]), *[ctypes.c_long(a) for a in args])
     return -ctypes.get_errno() if r == -1 else r
 control = {{n: call(n, -1, 0, 0) for n in ("socket", "shmget", "pidfd_open", "keyctl", "bpf", "mq_open")}}
+other = os.fork()  # another process of this uid: what the server is to a program in a user namespace
+if other == 0:
+    import time
+    time.sleep(30)
+    os._exit(0)
+own = {{k: (nr, arg) for k, (nr, arg) in sc.SELF_ONLY[sc.machine()].items()}}
+def call_nr(nr, *args):
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return -ctypes.get_errno() if r == -1 else r
+def on(pid, name):  # pid in its argument, the rest harmless: prlimit64 with no new limit, nice 0 ...
+    nr, arg = own[name]
+    args = [0, 0, 0, 0]
+    args[arg] = pid
+    if name == "setpriority":
+        args[2] = os.getpriority(os.PRIO_PROCESS, 0)
+    if name == "sched_setaffinity":
+        args[1:3] = [0, 0]  # NULL mask: EFAULT unless refused first
+    return call_nr(nr, *args)
+control["prlimit64_other"] = on(other, "prlimit64")
 sc.install(exec_fd=900)
 out = {{"control": control, "denied": {{n: call(n, -1, 0, 0) for n in sc.DENIED if n in nrs}}}}
 out["clone3"] = call("clone3", 0, 0)
 out["clone_newuser"] = call("clone", 0x10000000 | 17, 0, 0, 0, 0)
 out["unshare_user"] = call("unshare", 0x10000000)
 out["getpid"] = call("getpid") if "getpid" in nrs else os.getpid()
+out["self_only_other"] = {{name: on(other, name) for name in own}}
+out["prlimit64_self"] = on(0, "prlimit64")
+out["setpriority_self"] = on(0, "setpriority")
+os.kill(other, 9)
+os.waitpid(other, 0)
 pid = os.fork()
 if pid == 0:
     os._exit(7)
@@ -105,6 +129,12 @@ def test_installed_filter_denies_and_allows():
     assert out["denied"] and all(v == -1 for v in out["denied"].values()), out["denied"]  # -EPERM
     assert out["clone3"] == -38 and out["clone_newuser"] == -1 and out["unshare_user"] == -1
     assert out["getpid"] > 0 and out["fork"] == 7 and out["thread"]
+    # Limits and scheduling of another process of the same uid: allowed by the kernel (control),
+    # refused by the filter; on the caller itself (pid 0) still allowed.
+    assert out["control"]["prlimit64_other"] == 0
+    assert all(v == -1 for v in out["self_only_other"].values()), out["self_only_other"]
+    assert out["prlimit64_self"] == 0 and out["setpriority_self"] == 0
+    assert "memfd_create" in out["denied"]
     assert out["execv"] == 1  # EPERM
     assert out["fexecve_allowed_fd"] == 0  # /bin/true ran
     assert out["fexecve_other_fd"] == 1  # EPERM
