@@ -168,7 +168,7 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], names: dict[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     last = max((s for runs in curves.values() for run in runs for s, _ in run), default=1)
     for key, runs in curves.items():
         if key == "sft":  # the shared starting point: a reference line across the RL steps
@@ -186,7 +186,7 @@ def plot_curves(curves: dict[str, list[list[tuple[int, float]]]], names: dict[st
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=120)
     plt.close(fig)

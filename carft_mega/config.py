@@ -258,6 +258,8 @@ class RewardConfig:
     """RLIMIT_CPU per program."""
     sandbox_memory_mb: int = 1024
     """RLIMIT_AS per worker, in MiB."""
+    sandbox_insecure_allow_no_namespaces: bool = False
+    """Where the kernel refuses (user) namespaces, run programs with only the audit hook, rlimits and seccomp (unsafe)."""
 
 
 @dataclass(kw_only=True)
@@ -535,6 +537,9 @@ def validate(cfg: TrainerConfig) -> None:
     _positive("reward.sandbox_timeout", r.sandbox_timeout)
     _positive("reward.sandbox_cpu_seconds", r.sandbox_cpu_seconds)
     _positive("reward.sandbox_memory_mb", r.sandbox_memory_mb)
+    if not isinstance(r.sandbox_insecure_allow_no_namespaces, bool):
+        _fail("reward.sandbox_insecure_allow_no_namespaces", r.sandbox_insecure_allow_no_namespaces,
+              "must be True or False")
     _positive("rollout.max_new_tokens", ro.max_new_tokens)
     _positive("rollout.eval_max_new_tokens", ro.eval_max_new_tokens)
     _positive("rollout.eval_batch_size", ro.eval_batch_size)

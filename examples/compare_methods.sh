@@ -3,7 +3,7 @@
 # embedding partial reward) and Dr.GRPO (G = 2), from one shared SFT checkpoint, over N seeds.
 # Writes $OUT/results.csv, $OUT/results.md and $OUT/curves.png (see carft_mega/compare.py).
 #
-#   bash examples/compare_methods.sh                        # the embedded task, 3 seeds (~30 min, 2 CPU cores)
+#   bash examples/compare_methods.sh                        # the embedded task, 3 seeds (52 min measured on 2 busy CPU cores)
 #   QUICK=1 bash examples/compare_methods.sh                # 1 seed, 3 RL steps: checks the harness in minutes
 #   ABLATION=coef bash examples/compare_methods.sh          # contrastive.coef 5e-4 / 1e-3 / 1.5e-3 (paper Fig. 7)
 #   ABLATION=partial bash examples/compare_methods.sh       # embedding partial reward on / off (Fig. 8)

@@ -1,14 +1,15 @@
 """A pool of sandbox workers that run model-written ``solution()`` programs (python-style CoT).
 
 Model-written code is hostile input (DESIGN.md Sec. 5). The pool starts ``workers`` long-lived
-processes once (``python -I`` with a minimal environment, in their own session and, when root or
-with user namespaces, their own network, PID and mount namespaces: no network, no other process
-visible, a read-only filesystem); each program runs in a child forked from a worker, with a
-wall-clock timeout, rlimits, a throwaway directory, dropped privileges when root, and an audit hook
-(see ``_sandbox_worker.py`` for the layers and ``Sandbox.layers`` for the ones active on this
-machine). Anything a program does
-(exceptions, loops, fork/memory bombs, sockets, writes outside its directory, killing itself)
-yields None for that program; a worker that dies anyway is replaced.
+workers once; each builds its own isolation (docs/sandbox.md): a minimal read-only root holding only
+the Python runtime, its stdlib and the allowed packages, entered with pivot_root; new user (when not
+root), mount, PID, network, IPC, UTS and cgroup namespaces; a seccomp syscall filter; and a server,
+pid 1 of its namespace, that never has ctypes or a process-spawning module in memory. Each program
+runs in a child forked from the server, on a fresh tmpfs, with a wall-clock timeout, rlimits, as
+``nobody`` when the trainer is root, and under an audit hook (a second layer). Anything a program
+does yields None for that program; a worker that dies anyway is replaced. Where the kernel refuses
+the namespaces, the pool refuses to start and says why, unless ``namespaces="if_available"``
+(``reward.sandbox_insecure_allow_no_namespaces``) accepts the weak mode.
 
 Unlike ReFT's pebble pool (created on every call, authors_code.md Sec. 6) the workers are reused
 across calls, so the interpreter start-up is paid once.
@@ -17,34 +18,87 @@ across calls, so the interpreter start-up is paid once.
 from __future__ import annotations
 
 import atexit
+import functools
+import importlib
 import json
 import os
+import pkgutil
 import select
-import shutil
 import subprocess
 import sys
 import threading
 import time
 import warnings
-from collections import deque
+from collections import Counter, deque
 from typing import NamedTuple, Sequence
 
-from ._sandbox_worker import DEFAULT_LAZY_PRELOAD, DEFAULT_PRELOAD
+from . import _sandbox_view
 
 _WORKER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_worker.py")
 _START_TIMEOUT = 60.0  # seconds for a worker to start (imports of the preloaded modules)
 _HANG_GRACE = 10.0  # a worker that overruns a job's timeout by this much is killed and replaced
 _warned: set[str] = set()  # worker set-up problems already warned about (once per process)
 
+DEFAULT_PRELOAD = ("math", "cmath", "fractions", "decimal", "statistics", "itertools", "functools",
+                   "operator", "collections", "datetime", "random", "re", "string", "numbers", "heapq",
+                   "bisect", "dataclasses", "typing", "enum", "copy", "time")
+# Imported by a worker before the first program whose text mentions the name. ReFT's programs may use
+# sympy (as a global, like math); importing it takes 0.4-0.6 s and grows the worker from 18 to 53 MiB,
+# and fork() time grows with it: 0.7 -> 2.8 ms per program, 657 -> 266 programs/s with SVAMP's programs
+# (2 workers, 2-core VM). Most programs never use it, so they keep the lean worker until one does.
+DEFAULT_LAZY_PRELOAD = ("sympy",)
+# Stdlib modules that every worker imports once under the programs' conditions (uid, root, rlimits,
+# hook) before it reports ready: a root whose stdlib a program cannot read fails here, loudly.
+PROBE_MODULES = ("textwrap", "csv", "array", "json", "struct", "binascii", "zlib", "unicodedata", "hashlib",
+                 "pickle", "calendar", "pprint", "bz2", "lzma", "base64")
+NAMESPACE_MODES = ("required", "if_available", "off")
+# How a worker makes its root read-only: "auto" (mount_setattr, Linux 5.12+, else remounts) or
+# "remount" (what Linux < 5.12 gets; set by a test to cover that path on a newer kernel).
+_READ_ONLY_METHOD = "auto"
+INSECURE_FIELD = "reward.sandbox_insecure_allow_no_namespaces"
+
+
+class SandboxUnavailableError(RuntimeError):
+    """The OS refused the isolation that python-style rewards need (and no weak mode was accepted)."""
+
 
 def _warn_once(errors: dict) -> None:
     """Warn about what makes programs fail for reasons of the machine, not of the program."""
     for key, text in errors.items():
-        if (key == "stdlib" or key.startswith("preload ")) and key not in _warned:
+        if (key == "namespaces" or key.startswith("preload ") or key.startswith("package ")) and key not in _warned:
             _warned.add(key)
-            what = "skipped" if key.startswith("preload ") else "limited"
-            warnings.warn(f"sandbox: {key}: {text} ({what}; programs that need it score None)", RuntimeWarning,
-                          stacklevel=4)
+            if key == "namespaces":
+                text = (f"running python-style rewards WITHOUT namespaces ({INSECURE_FIELD}): {text}; a program "
+                        "that defeats the audit hook can read and write what the trainer's user can")
+                warnings.warn(f"sandbox: {text}", RuntimeWarning, stacklevel=4)
+            else:
+                warnings.warn(f"sandbox: {key}: {text} (skipped; programs that need it score None and are "
+                              "counted as sandbox errors)", RuntimeWarning, stacklevel=4)
+
+
+@functools.lru_cache(maxsize=1)
+def _host_modules() -> tuple[str, ...]:
+    """Top-level modules the trainer's interpreter can import (to tell a module missing from the
+    sandbox, a sandbox error, from one that does not exist, the program's error)."""
+    names = set(sys.builtin_module_names)
+    names.update(m.name for m in pkgutil.iter_modules())
+    return tuple(sorted(names))
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_modules() -> tuple[str, ...]:
+    """The PROBE_MODULES that import in the trainer (a build without, say, lzma does not count)."""
+    ok = []
+    for name in PROBE_MODULES:
+        try:
+            importlib.import_module(name)
+            ok.append(name)
+        except ImportError:
+            pass
+    return tuple(ok)
+
+
+_STATUSES = ("ok", "error", "timeout", "crashed", "rejected", "worker_died", "worker_hung", "sandbox_error")
 
 
 class SandboxResult(NamedTuple):
@@ -54,7 +108,8 @@ class SandboxResult(NamedTuple):
         value: ``float(solution())`` when finite and numeric, else None.
         status: ``ok`` | ``error`` (exception, non-numeric result, denied operation) | ``timeout`` |
             ``crashed`` (killed by a signal / rlimit, or exited without a result) | ``rejected``
-            (not a string, or too long) | ``worker_died`` | ``worker_hung`` | ``sandbox_error``.
+            (not a string, or too long) | ``worker_died`` | ``worker_hung`` | ``sandbox_error`` (the
+            sandbox, not the program, made it fail: e.g. an installed module the root does not hold).
         detail: a short human-readable reason.
         seconds: wall-clock seconds the program ran.
     """
@@ -73,13 +128,14 @@ def _minimal_env() -> dict[str, str]:
 class _Worker:
     """One worker process and its line-buffered reply pipe."""
 
-    def __init__(self, config: dict):
+    def __init__(self, message: dict):
         self.proc = subprocess.Popen(
             [sys.executable, "-I", _WORKER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             env=_minimal_env(), cwd="/", close_fds=True, start_new_session=True)
         self.fd = self.proc.stdout.fileno()
         self.buf = b""
-        self.proc.stdin.write(json.dumps(config).encode() + b"\n")
+        self.info: dict = {}
+        self.proc.stdin.write(json.dumps(message).encode() + b"\n")
         self.proc.stdin.flush()
         line = self._read_line(time.monotonic() + _START_TIMEOUT)
         if line is None:
@@ -87,6 +143,16 @@ class _Worker:
             raise RuntimeError(f"sandbox worker failed to start (exit code {self.proc.poll()})")
         self.info = json.loads(line)
         self.pid = self.proc.pid
+        if not self.info.get("ready"):
+            self.kill()
+            fatal = self.info.get("fatal", "unknown reason")
+            if self.info.get("refused"):
+                raise SandboxUnavailableError(
+                    f"sandbox: python-style rewards cannot isolate model-written programs on this machine: {fatal}. "
+                    f"Or set {INSECURE_FIELD}=True (Sandbox(namespaces='if_available')) to run them with only the "
+                    "audit hook, rlimits and the seccomp filter; a program that defeats the hook can then read "
+                    f"and write whatever uid {os.geteuid()} can.")
+            raise SandboxUnavailableError(f"sandbox: the worker could not start: {fatal}")
         _warn_once(self.info.get("errors", {}))
         if "memory_mb" in self.info.get("errors", {}):
             self.close()
@@ -125,7 +191,7 @@ class _Worker:
 
     def kill(self) -> None:
         try:
-            self.proc.kill()
+            self.proc.kill()  # the server and every program die with it (PDEATHSIG, then pid 1)
         except OSError:
             pass
         self.proc.wait()
@@ -134,17 +200,20 @@ class _Worker:
                 f.close()
             except OSError:
                 pass
-        # A worker killed before its own clean-up leaves its directory behind, unless that lived on
-        # the worker's private tmpfs (gone with its mount namespace, and not visible from here).
-        info = getattr(self, "info", {})
-        root = info.get("root")
-        on_private_tmp = info.get("layers", {}).get("private_tmp")
-        if root and not on_private_tmp and os.path.basename(root).startswith("carft_sandbox_"):
-            shutil.rmtree(root, ignore_errors=True)
+        # The weak mode's directory lives on the host's /tmp (the full mode's are tmpfs, gone with it).
+        root = self.info.get("root")
+        if root and not self.info.get("layers", {}).get("fresh_tmpfs") \
+                and os.path.basename(root).startswith("carft_sandbox_"):
+            from ._sandbox_server import _remove_tree  # no recursion: a program may nest deeply
+
+            try:
+                _remove_tree(root)
+            except Exception:
+                pass
 
     def close(self, wait: float = 2.0) -> None:
         try:
-            self.proc.stdin.close()  # EOF: the worker finishes its loop and removes its directory
+            self.proc.stdin.close()  # EOF: the server finishes its loop and exits, the worker with it
         except OSError:
             pass
         try:
@@ -163,27 +232,29 @@ class Sandbox:
         cpu_seconds: RLIMIT_CPU per program.
         memory_mb: RLIMIT_AS per program, MiB (must exceed a worker's ~30 MiB address space).
         fsize_mb: RLIMIT_FSIZE per program, MiB.
+        tmp_mb: size of each program's fresh tmpfs (its /tmp and working directory), MiB.
         preload: modules imported once per worker; ``math`` and ``sympy`` are also visible to programs
-            as globals (ReFT prepends ``import math`` / ``import sympy``). A program runs as ``nobody``
-            when the trainer is root and may be unable to import anything else from a root-only
-            interpreter tree (warned once). A module that is not installed is skipped with a warning.
+            as globals (ReFT prepends ``import math`` / ``import sympy``). A module that is not installed
+            is skipped with a warning.
         lazy_preload: modules a worker imports before the first program whose text names them
             (default sympy: it makes every fork 2-3x slower, so workers load it only once needed).
-        drop_privileges: when running as root, run programs as ``nobody`` (else as root without
-            capabilities).
-        isolate: new network and PID (and mount) namespaces per worker when the OS allows it.
-        private_tmp: with ``isolate``, a mount namespace per worker: read-only filesystem, private
-            /tmp (only the programs' own directories writable), empty /var/tmp, /dev/shm, /run/lock,
-            /proc of the worker's PID namespace only.
+        packages: installed (non-stdlib) packages that programs may import; only these are in the
+            workers' root. Preloaded and lazily preloaded packages are added.
+        namespaces: ``"required"`` (default): the full isolation, or refuse to start
+            (``SandboxUnavailableError``) where the kernel does not allow it; ``"if_available"``: fall
+            back to the weak mode there (``reward.sandbox_insecure_allow_no_namespaces``);
+            ``"off"``: always the weak mode (tests). The weak mode has the audit hook, rlimits, the
+            seccomp filter and ``nobody`` when root, but the host's filesystem and processes.
+        seccomp: install the syscall filter (x86_64, aarch64; reported in ``layers``).
         max_program_chars: longer programs are rejected without running.
         audit_hook: install the audit hook in programs. Turn it off only to test the OS layers alone.
     """
 
     def __init__(self, workers: int = 2, timeout: float = 10.0, cpu_seconds: int = 5, memory_mb: int = 1024,
-                 *, fsize_mb: int = 16, preload: Sequence[str] = DEFAULT_PRELOAD,
-                 lazy_preload: Sequence[str] = DEFAULT_LAZY_PRELOAD, drop_privileges: bool = True,
-                 isolate: bool = True, private_tmp: bool = True, max_program_chars: int = 100_000,
-                 audit_hook: bool = True):
+                 *, fsize_mb: int = 16, tmp_mb: int = 64, preload: Sequence[str] = DEFAULT_PRELOAD,
+                 lazy_preload: Sequence[str] = DEFAULT_LAZY_PRELOAD,
+                 packages: Sequence[str] = _sandbox_view.DEFAULT_PACKAGES, namespaces: str = "required",
+                 seccomp: bool = True, max_program_chars: int = 100_000, audit_hook: bool = True):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
         if timeout <= 0:
@@ -194,20 +265,33 @@ class Sandbox:
             raise ValueError(f"memory_mb must be >= 64, got {memory_mb}")
         if fsize_mb < 1:
             raise ValueError(f"fsize_mb must be >= 1, got {fsize_mb}")
+        if tmp_mb < 1:
+            raise ValueError(f"tmp_mb must be >= 1, got {tmp_mb}")
+        if namespaces not in NAMESPACE_MODES:
+            raise ValueError(f"namespaces must be one of {NAMESPACE_MODES}, got {namespaces!r}")
+        if not sys.platform.startswith("linux"):
+            raise SandboxUnavailableError("sandbox: python-style rewards need Linux (namespaces, seccomp)")
         self.timeout = float(timeout)
         self.max_program_chars = max_program_chars
-        self._config = {"cpu_seconds": int(cpu_seconds), "memory_mb": int(memory_mb), "fsize_mb": int(fsize_mb),
-                        "preload": list(preload), "lazy_preload": list(lazy_preload),
-                        "drop_privileges": bool(drop_privileges), "isolate": bool(isolate),
-                        "private_tmp": bool(private_tmp), "audit_hook": bool(audit_hook)}
+        tops = [n.partition(".")[0] for n in (*preload, *lazy_preload)]
+        pkgs = tuple(dict.fromkeys([*packages, *[t for t in tops if t not in sys.stdlib_module_names]]))
+        plan = _sandbox_view.plan(sys.executable, pkgs)
+        cfg = {"cpu_seconds": int(cpu_seconds), "memory_mb": int(memory_mb), "fsize_mb": int(fsize_mb),
+               "tmp_mb": int(tmp_mb), "tmp_inodes": 16384, "preload": list(preload),
+               "lazy_preload": list(lazy_preload), "audit_hook": bool(audit_hook), "seccomp": bool(seccomp),
+               "read_only_method": _READ_ONLY_METHOD}
+        self._message = {"cfg": cfg, "plan": plan, "namespaces": namespaces, "host_modules": list(_host_modules()),
+                         "probe": list(_probe_modules())}
         self._lock = threading.Lock()
         self._owner = os.getpid()
         self._closed = False
         self._workers: list[_Worker] = []
+        self._counts: Counter = Counter()
+        self._errors: deque[str] = deque(maxlen=5)
         self.replaced = 0  # workers that died or hung and were restarted
         try:
             for _ in range(workers):
-                self._workers.append(_Worker(self._config))
+                self._workers.append(_Worker(self._message))
         except BaseException:
             self.close()
             raise
@@ -215,9 +299,11 @@ class Sandbox:
     @classmethod
     def from_config(cls, reward_cfg, **kwargs) -> "Sandbox":
         """A pool sized by ``carft_mega.config.RewardConfig`` (sandbox_workers, _timeout, _cpu_seconds,
-        _memory_mb); ``kwargs`` override or add keyword arguments."""
+        _memory_mb, _insecure_allow_no_namespaces); ``kwargs`` override or add keyword arguments."""
         args = dict(workers=reward_cfg.sandbox_workers, timeout=reward_cfg.sandbox_timeout,
-                    cpu_seconds=reward_cfg.sandbox_cpu_seconds, memory_mb=reward_cfg.sandbox_memory_mb)
+                    cpu_seconds=reward_cfg.sandbox_cpu_seconds, memory_mb=reward_cfg.sandbox_memory_mb,
+                    namespaces="if_available" if getattr(reward_cfg, "sandbox_insecure_allow_no_namespaces", False)
+                    else "required")
         args.update(kwargs)
         return cls(**args)
 
@@ -232,6 +318,21 @@ class Sandbox:
         """Isolation layers a worker activated on this machine, and errors of the optional ones."""
         info = self._workers[0].info if self._workers else {}
         return {**info.get("layers", {}), "errors": info.get("errors", {})}
+
+    def stats(self, reset: bool = True) -> dict:
+        """Program outcomes since the last ``stats(reset=True)``: a count per status (``ok``, ``error``,
+        ``timeout``, ``crashed``, ``rejected``, ``worker_died``, ``worker_hung``, ``sandbox_error``),
+        ``sandbox_errors`` (programs that failed because of the sandbox, not of themselves: log these
+        per step), ``replaced`` (workers restarted, in total) and up to 5 recent ``sandbox_error_details``.
+        """
+        with self._lock:
+            out = {k: self._counts.get(k, 0) for k in _STATUSES}
+            out.update(sandbox_errors=self._counts.get("sandbox_error", 0), replaced=self.replaced,
+                       sandbox_error_details=list(self._errors))
+            if reset:
+                self._counts.clear()
+                self._errors.clear()
+        return out
 
     # ------------------------------------------------------------------ running
     def run_programs(self, programs: Sequence[str], timeout: float | None = None) -> list[float | None]:
@@ -311,6 +412,10 @@ class Sandbox:
                     results[i] = SandboxResult(None, "worker_hung", "no reply; worker restarted", timeout)
                     self._replace(slot)
                     idle.append(slot)
+            for r in results:
+                self._counts[r.status] += 1
+                if r.status == "sandbox_error":
+                    self._errors.append(r.detail)
         return results  # type: ignore[return-value]
 
     @staticmethod
@@ -326,7 +431,7 @@ class Sandbox:
 
     def _replace(self, slot: int) -> None:
         self._workers[slot].kill()
-        self._workers[slot] = _Worker(self._config)
+        self._workers[slot] = _Worker(self._message)
         self.replaced += 1
 
     def _check_usable(self) -> None:

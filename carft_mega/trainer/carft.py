@@ -26,7 +26,8 @@ from carft_mega.algos.advantage import group_relative_advantages
 from carft_mega.algos.contrastive import (InfoNCEBank, build_bank, contrastive_negative, contrastive_positive,
                                           partial_reward_embedding)
 from carft_mega.algos.ppo import kl_loss, ppo_policy_loss, ppo_value_loss
-from carft_mega.data.collate import collate_prompts, collate_sft, encode_prompt, encode_sft
+from carft_mega.data.collate import (collate_prompts, collate_sft, encode_prompt, encode_sft, micro_batches,
+                                    padding_share)
 from carft_mega.ops.advantages import advantages as fused_advantages
 from carft_mega.ops.advantages import global_moments, whiten_from_moments
 from carft_mega.ops.lcs import span_lcs_masks
@@ -79,7 +80,7 @@ class Experience:
 
     Attributes:
         tokens: ``(n, L)`` rollout rows (prompt, generation, padding); n = local prompts x G.
-        lengths, actions: ``(n,)`` real tokens and action tokens per row, on the host.
+        lengths: ``(n,)`` real tokens per row, on the host (slice widths need no device sync).
         action_mask: ``(n, L)`` bool, state-aligned.
         prompt_ids: ``(n,)`` int64 global prompt index of each row (G rows per prompt).
         spans: rollout spans the loss terms pool in training forwards (None: no term pools).
@@ -96,7 +97,6 @@ class Experience:
 
     tokens: torch.Tensor
     lengths: torch.Tensor
-    actions: torch.Tensor
     action_mask: torch.Tensor
     prompt_ids: torch.Tensor
     spans: Spans | None
@@ -153,6 +153,7 @@ def make_experience(run: Run, policy, ref_model, step: int, terms: list, timer: 
     lengths = roll.lengths.cpu()  # one transfer; every later slice width is read on the host
     with timer("old_forward"):
         old = forward_batched(policy, roll.tokens, lengths, spans_r, mb, temperature=T)
+    with timer("annotated_forward"):
         # Annotated rows: one forward per prompt; its G rows' spans become K * G masks of that row.
         a_rows = slice(0, None, G)
         a_spans = None if spans_a is None else Spans(spans_a.names, _per_prompt(spans_a.masks, G))
@@ -175,7 +176,7 @@ def make_experience(run: Run, policy, ref_model, step: int, terms: list, timer: 
     counts = torch.tensor([float(roll.gen_lens.sum()), float(len(records))], device=run.device)
     dist.all_reduce(counts, group=parallel.dp_group())
     critic = cfg.ppo.estimator == "gae"
-    exp = Experience(tokens=roll.tokens, lengths=lengths, actions=roll.gen_lens.cpu(), action_mask=action_mask,
+    exp = Experience(tokens=roll.tokens, lengths=lengths, action_mask=action_mask,
                      prompt_ids=prompt_ids, spans=_training_spans(spans_r, terms), logp_old=old.logp,
                      logp_ref=logp_ref, values_old=old.values if critic else None, returns=ret if critic else None,
                      advantages=adv, zr=zr, za=za, scores=scores, correct=correct, offset=first_prompt * G,
@@ -476,21 +477,6 @@ def _header_mask(run: Run, records, ann) -> torch.Tensor:
 # Forwards and advantages
 
 
-def micro_batches(lengths: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Row indices in micro-batches of ``size``, longest rows first: rows of similar length share a
-    micro-batch, so little is spent on padding. Every loss is a share of a global sum, so the
-    grouping changes nothing but the summation order."""
-    order = torch.argsort(lengths.cpu(), descending=True, stable=True)
-    return [order[s:s + size] for s in range(0, len(order), size)]
-
-
-def padding_share(lengths: torch.Tensor, size: int) -> float:
-    """Share of padded positions in :func:`micro_batches` (each cut to its longest row)."""
-    lengths = lengths.cpu()
-    total = sum(len(rows) * int(lengths[rows].max()) for rows in micro_batches(lengths, size))
-    return 1.0 - float(lengths.sum()) / max(1, total)
-
-
 @dataclass
 class _Fwd:
     logp: torch.Tensor | None
@@ -596,7 +582,26 @@ def rollout_metrics(run, roll, scores, correct, preds, logp_old, logp_ref, actio
     dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=parallel.dp_group())
     return {"reward/score": score / n, "reward/accuracy": acc / n, "reward/extracted": extracted / n,
             "rollout/gen_len": gen_len / n, "rollout/eos_frac": eos / n, "rollout/kl": kl_sum / max(1.0, tok),
-            "rollout/logp_mismatch_max": mismatch.item(), "rollout/tokens": gen_len}
+            "rollout/logp_mismatch_max": mismatch.item(), "rollout/tokens": gen_len, **sandbox_metrics(run)}
+
+
+_SANDBOX_COUNTS = ("sandbox_error", "timeout", "crashed", "worker_died", "worker_hung", "rejected")
+
+
+def sandbox_metrics(run) -> dict[str, float]:
+    """Sandbox outcomes since the previous step, summed over the world (programs run on each TP
+    group's first rank only, so the others add zeros). ``sandbox/sandbox_error`` counts programs
+    that failed because of the sandbox, not of themselves (docs/sandbox.md): it should stay 0, and
+    the first details are printed when it does not."""
+    if run.cfg.data.style != "python":
+        return {}
+    stats = run.sandbox.stats(reset=True) if run.sandbox is not None else {k: 0 for k in _SANDBOX_COUNTS}
+    if stats.get("sandbox_errors") and stats["sandbox_error_details"]:
+        print(f"[rank {dist.get_rank()}] sandbox errors this step ({stats['sandbox_errors']}): "
+              + "; ".join(stats["sandbox_error_details"][:3]), flush=True)
+    t = torch.tensor([float(stats[k]) for k in _SANDBOX_COUNTS], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return {f"sandbox/{k}": v for k, v in zip(_SANDBOX_COUNTS, t.tolist())}
 
 
 # bf16 dense peak FLOP/s per GPU for MFU (vendor data sheets).

@@ -284,3 +284,39 @@ def test_kernel_on_gpu(dtype, B, T):
     assert out.advantages.is_cuda
     out = type(out)(*(x.cpu() for x in out))
     check_against_loop(out, advantages_ref(*args, BETA, 1.0, 0.95), args, 1.0, 0.95)
+
+
+def _check_row_subset(B, T, device, rows, dtype=torch.bfloat16):
+    """The kernel on a (B, T) batch generated on ``device``, checked on ``rows`` only against the fp64
+    loop (the rows are independent), with the fp32 reference of those rows setting the slack."""
+    gen = torch.Generator(device=device).manual_seed(B + T)
+    # Drawn in ``dtype`` and updated in place: no fp32 temporaries of the full size.
+    mask = torch.rand(B, T, device=device, generator=gen, dtype=dtype) < 0.6
+    mask[0] = False  # an empty row
+    mask[B - 1] = True  # a full one, at the end of the buffers
+    scores = torch.rand(B, device=device, generator=gen) * 2 - 0.5
+    logp_old = torch.rand(B, T, device=device, generator=gen, dtype=dtype).mul_(-3)
+    logp_ref = torch.randn(B, T, device=device, generator=gen, dtype=dtype).mul_(0.3).add_(logp_old)
+    values = torch.randn(B, T, device=device, generator=gen, dtype=dtype)
+    out = advantages(scores, logp_old, logp_ref, values, mask, BETA, 1.0, 0.95, impl="triton")
+    idx = torch.tensor(rows, device=device)
+    sub = tuple(x.index_select(0, idx).cpu() for x in (scores, logp_old, logp_ref, values, mask))
+    out = type(out)(*(x.index_select(0, idx).cpu() for x in out))
+    check_against_loop(out, advantages_ref(*sub, BETA, 1.0, 0.95), sub, 1.0, 0.95)
+    assert out.row_count[0] == 0 and out.row_count[-1] == T
+
+
+def test_row_subset_check_on_cpu():
+    """The check of test_kernel_int64_offsets_on_gpu on a small batch, so that its own logic runs in CI."""
+    _check_row_subset(9, 70, "cpu", [0, 1, 7, 8])
+
+
+@pytest.mark.gpu
+def test_kernel_int64_offsets_on_gpu():
+    """B x T = 524289 x 4096 > 2**31 elements (bf16 inputs, fp32 outputs, ~45 GB at the peak): the last rows start past
+    2**31, so a 32-bit row offset would read and write other rows. Checked on the first and last rows."""
+    B, T = 2**31 // 4096 + 1, 4096
+    props = torch.cuda.get_device_properties(0)
+    if props.total_memory < 64 * 2**30:
+        pytest.skip(f"needs ~50 GiB of GPU memory; {props.name} has {props.total_memory / 2**30:.0f} GiB")
+    _check_row_subset(B, T, "cuda", [0, 1, B - 2, B - 1])

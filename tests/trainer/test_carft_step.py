@@ -68,6 +68,24 @@ def test_whole_step_is_invariant_to_micro_batch_and_data_parallel_size(tmp_path,
     assert abs(g8 - g1) > 1e-3 * g8, (g8, g1)
 
 
+def test_micro_batch_grouping_changes_nothing(tmp_path, monkeypatch):
+    """Length-grouped micro-batches (the default) against shuffled ones of the same size: the same
+    step, to fp32 summation-order tolerance."""
+    import carft_mega.trainer.carft as carft
+
+    grouped = one_step(str(tmp_path / "g"), CARFT + ["ppo.micro_batch_size=3"])
+
+    def shuffled(lengths, size):
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(5))
+        return [order[s:s + size] for s in range(0, len(order), size)]
+
+    monkeypatch.setattr(carft, "micro_batches", shuffled)
+    mixed = one_step(str(tmp_path / "s"), CARFT + ["ppo.micro_batch_size=3"])
+    assert mixed["rollout"]["perf/pad_frac_forward"] == grouped["rollout"]["perf/pad_frac_forward"]
+    for epoch in (0, 1):
+        _close(grouped["epochs"][epoch], mixed["epochs"][epoch], f"grouped vs shuffled, epoch {epoch + 1}")
+
+
 def _behaviour_logp(model, tokens, T):
     """log softmax(logits / T) of each next token, from a plain full-vocabulary forward."""
     with torch.no_grad():

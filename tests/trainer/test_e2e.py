@@ -139,3 +139,21 @@ def test_critic_warmup_leaves_the_policy_untouched(tmp_path):
     warm, no_warm = rows(str(tmp_path / "w"), "carft"), rows(str(tmp_path / "n"), "carft")
     assert warm[1]["rollout/kl"] == 0.0 and warm[0]["critic/vf_loss"] > 0.0
     assert no_warm[1]["rollout/kl"] != 0.0
+
+
+@pytest.mark.skipif(not os.path.exists(os.path.join(os.environ.get("CARFT_DATA_DIR", ""), "svamp")),
+                    reason="needs CARFT_DATA_DIR with svamp/ (the repository's shared data)")
+def test_python_style_rl_step_runs_programs_in_the_sandbox(tmp_path):
+    """A CARFT step on SVAMP python_sdp: the rollouts' programs run in the sandbox and its outcomes
+    are logged per step; none of them fails because of the sandbox itself."""
+    out = str(tmp_path / "py")
+    run_in_process(out, "data.dataset=svamp", "data.style=python", f"data.data_dir={os.environ['CARFT_DATA_DIR']}",
+                   "data.max_prompt_tokens=400", "data.max_length=1000", "data.train_limit=16", "data.eval_limit=8",
+                   "sft.max_steps=1", "ppo.max_steps=1",
+                   "reward.sandbox_workers=1", "contrastive.signal=positive")
+    (r,) = rows(out, "carft")
+    counts = {k: r[k] for k in r if k.startswith("sandbox/")}
+    assert set(counts) == {"sandbox/sandbox_error", "sandbox/timeout", "sandbox/crashed", "sandbox/worker_died",
+                           "sandbox/worker_hung", "sandbox/rejected"}, counts
+    assert counts["sandbox/sandbox_error"] == 0 and counts["sandbox/worker_died"] == 0
+    assert 0.0 <= r["reward/extracted"] <= 1.0
