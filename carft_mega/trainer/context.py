@@ -319,10 +319,7 @@ def setup_run(cfg: TrainerConfig, stop: StopRequest | None = None) -> tuple[Run 
         if err:
             logger.close()
             raise RunError(err)
-    sandbox = None
-    if cfg.data.style == "python" and parallel.tp_rank() == 0:  # programs run once per TP group
-        from carft_mega.reward.sandbox import Sandbox
-        sandbox = Sandbox.from_config(cfg.reward)
+    sandbox = _start_sandbox(cfg, logger)
     facts = opening.facts
     ckpts = CheckpointManager(os.path.join(cfg.out_dir, "checkpoints"), cfg.checkpoint.keep_last,
                               keep_best=cfg.checkpoint.keep_best,
@@ -339,6 +336,27 @@ def setup_run(cfg: TrainerConfig, stop: StopRequest | None = None) -> tuple[Run 
         print(f"data: {len(run.train)} train / {len(run.test)} test records ({cfg.data.dataset}, {cfg.data.style}); "
               f"tokenizer {tokenizer.name} (vocab {tokenizer.vocab_size})", flush=True)
     return run, opening
+
+
+def _start_sandbox(cfg: TrainerConfig, logger: MetricsLogger):
+    """The sandbox of python-style rewards (on each TP group's first rank; None elsewhere). A machine
+    that cannot isolate programs is a RunError on every rank (its message says what to set)."""
+    from carft_mega.trainer.checkpoint import _all_ok
+
+    sandbox, err = None, None
+    if cfg.data.style == "python" and parallel.tp_rank() == 0:  # programs run once per TP group
+        from carft_mega.reward.sandbox import Sandbox, SandboxUnavailableError
+        try:
+            sandbox = Sandbox.from_config(cfg.reward)
+        except SandboxUnavailableError as e:
+            err = f"data.style=python: {e}"
+    err = _all_ok(err is None, err)
+    if err:
+        if sandbox is not None:
+            sandbox.close()
+        logger.close()
+        raise RunError(err)
+    return sandbox
 
 
 def tokenizer_source(cfg: TrainerConfig) -> str:

@@ -139,3 +139,17 @@ def test_tp_that_does_not_divide_the_kv_heads_is_refused_before_loading(tmp_path
     rc, errors, _ = run_main(capsys, f"out_dir={tmp_path / 'run'}", "model.source=hf", f"model.path={smollm2_gguf()}",
                              "parallel.tp=2")
     assert_one_line(rc, errors, "'parallel.tp' = 2")
+
+
+def test_a_machine_without_sandbox_isolation_is_one_line(tmp_path, capsys, monkeypatch):
+    """Python-style rewards where the sandbox cannot isolate programs: the sandbox's own message
+    (naming reward.sandbox_insecure_allow_no_namespaces), once, exit 2, no traceback."""
+    from carft_mega.reward import sandbox
+
+    def refuse(cls, reward_cfg, **kw):
+        raise sandbox.SandboxUnavailableError(f"sandbox: no user namespaces here. Or set {sandbox.INSECURE_FIELD}=True")
+
+    monkeypatch.setattr(sandbox.Sandbox, "from_config", classmethod(refuse))
+    rc, errors, _ = run_main(capsys, f"out_dir={tmp_path / 'run'}", "data.dataset=svamp", "data.style=python",
+                             f"data.data_dir={os.environ['CARFT_DATA_DIR']}", "sft.max_steps=1")
+    assert_one_line(rc, errors, "data.style=python", "reward.sandbox_insecure_allow_no_namespaces")
