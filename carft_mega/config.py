@@ -548,7 +548,7 @@ def validate(cfg: TrainerConfig) -> None:
     _positive("rollout.top_k", ro.top_k, allow_zero=True)
     if not 0.0 < ro.top_p <= 1.0:
         _fail("rollout.top_p", ro.top_p, "must be in (0, 1]")
-    if d.max_prompt_tokens + ro.max_new_tokens > d.max_length:
+    if cfg.ppo.enabled and d.max_prompt_tokens + ro.max_new_tokens > d.max_length:  # RL rollouts only
         _fail("rollout.max_new_tokens", ro.max_new_tokens,
               f"data.max_prompt_tokens ({d.max_prompt_tokens}) + rollout.max_new_tokens must be "
               f"<= data.max_length ({d.max_length})")
