@@ -138,6 +138,8 @@ def shield_checkpoint_helpers() -> None:
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    if not hasattr(filesystem_async, "_results_queue"):  # another megatron-core: its writer is unknown here
+        return
     if _RESULTS_MANAGER is not None or filesystem_async._results_queue is not None:
         return
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
