@@ -177,39 +177,6 @@ def test_trainer_checkpoint_exports_token_ids_and_dtype(tp1, tmp_path):
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (5, 6, 7)
 
 
-def test_trainer_checkpoints_and_exports_carry_the_tokenizer(tmp_path):
-    """A run from an HF directory: every checkpoint has the tokenizer (tokenizer/, copied verbatim),
-    so model.source=mcore runs and convert_megatron_to_hf.py find it; the run's HF export loads with
-    plain AutoModelForCausalLM + AutoTokenizer; every file follows the umask, none is 0600."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tests.trainer.test_e2e import run_in_process
-
-    # A Llama (as SmolLM2): transformers 5 loads a Qwen2 directory's tokenizer as its own
-    # Qwen2Tokenizer whatever tokenizer.json holds, which does not apply this word-level one.
-    hf_dir = tmp_path / "hf"
-    tiny_hf_model(tiny_arch("llama", tied=True), seed=11).save_pretrained(hf_dir)
-    tiny_tokenizer().save_pretrained(hf_dir)
-    out = tmp_path / "run"
-    run_in_process(str(out), "model.source=hf", f"model.path={hf_dir}", "sft.max_steps=1", "ppo.enabled=false",
-                   "checkpoint.export_hf=true")
-    ckpt = out / "checkpoints" / "sft" / "step_00000001"
-    assert json.loads((ckpt / "carft_arch.json").read_text())["tokenizer"] == "tokenizer"
-    assert (ckpt / "tokenizer" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
-    export = out / "hf" / "sft"
-    model, tok = AutoModelForCausalLM.from_pretrained(export), AutoTokenizer.from_pretrained(export)
-    assert type(model).__name__ == "LlamaForCausalLM" and tok("w0 w5 w7")["input_ids"] == [3, 8, 10]
-    back = tmp_path / "back"
-    run_tool("convert_megatron_to_hf.py", "--ckpt", str(ckpt), "--out", str(back))
-    assert AutoTokenizer.from_pretrained(back)("w0 w5 w7")["input_ids"] == [3, 8, 10]
-    mask = os.umask(0)
-    os.umask(mask)
-    for d in (ckpt, export, back):
-        for root, _, files in os.walk(d):
-            for f in files:
-                assert os.stat(os.path.join(root, f)).st_mode & 0o777 == 0o666 & ~mask, os.path.join(root, f)
-
-
 def test_tp_that_does_not_divide_the_kv_heads_names_the_flag(tmp_path):
     """SmolLM2-135M has 3 KV heads: --tp 2 is refused before any work, naming --tp (docs/conversion.md)."""
     from tests.trainer.test_errors import smollm2_gguf
