@@ -191,5 +191,6 @@ setup(
         # from source (github.com/NVIDIA/apex) if wanted.
         "gpu": ["transformer-engine[pytorch]", "flash-attn"],
         "test": ["pytest", "pytest-timeout"],
+        "wandb": ["wandb"],  # logging.wandb=true
     },
 )

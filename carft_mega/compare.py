@@ -70,15 +70,6 @@ class Job:
     overrides: list[str]
 
 
-def _tokenizer_override(cfg) -> list[str]:
-    """The tokenizer of the SFT run, passed to the RL runs (which load the SFT checkpoint)."""
-    if cfg.model.tokenizer:
-        return [f"model.tokenizer={cfg.model.tokenizer}"]
-    if cfg.model.source == "tiny":
-        return ["model.tokenizer=char"]
-    return [f"model.tokenizer={cfg.model.path}"]
-
-
 def _results(out_dir: str) -> dict | None:
     path = os.path.join(out_dir, "results.json")
     if not os.path.exists(path):
@@ -235,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                 os.path.join(sft_out, "train.log"))
     sft = _results(sft_out)
     print(f"compare: SFT checkpoint {sft['sft_checkpoint']} (test accuracy {sft['sft_accuracy']:.4f})", flush=True)
+    # The SFT checkpoint carries its tokenizer (the character tokenizer as "char"), so the RL runs find it.
     rl_common = common + ["sft.enabled=false", "model.source=mcore", f"model.path={sft['sft_checkpoint']}",
-                          *_tokenizer_override(base), "checkpoint.resume=auto"]
+                          "checkpoint.resume=auto"]
     jobs = [Job(k, s, os.path.join(out, "runs", k, f"seed{s}"), ARMS[k][1]) for k in keys if k != "sft"
             for s in seeds]
     for i, job in enumerate(jobs, 1):

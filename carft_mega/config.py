@@ -56,7 +56,8 @@ class ModelConfig:
     path: str | None = None
     """HF directory, GGUF file or Megatron checkpoint directory (for source hf/mcore)."""
     tokenizer: str | None = None
-    """Tokenizer directory; None uses ``path`` (hf/mcore) or the character tokenizer (tiny)."""
+    """Tokenizer directory, GGUF file, or 'char' (the synthetic task's character tokenizer); None uses
+    ``path`` (hf), the tokenizer the checkpoint carries (mcore), or 'char' (tiny)."""
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Dimensions of the tiny model (source=tiny)."""
     cot_proj_dim: int = 64
@@ -311,6 +312,13 @@ class CheckpointConfig:
     """'auto' = latest checkpoint under out_dir, 'none', or a checkpoint directory."""
     export_hf: bool = False
     """Also write an HF directory (with the CoT head as v_head) at the end of each stage."""
+    save_interval_minutes: float = 0.0
+    """Also save when this many minutes have passed since the last checkpoint (0 = off)."""
+    keep_best: bool = False
+    """Keep the checkpoint with the best test accuracy (checkpoints/best.json); keep_last never deletes it."""
+    allow_config_change: bool = False
+    """Resume even though fields that a resumed run may not change (lr, seed, data, model, ...) differ
+    from the checkpoint's config (each change is printed and recorded in config_history/)."""
 
 
 @dataclass(kw_only=True)
@@ -327,6 +335,16 @@ class LoggingConfig:
     """Write TensorBoard event files."""
     plot: bool = True
     """Write a PNG of reward, accuracy and losses next to the run."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs `pip install wandb`; WANDB_MODE=offline works without an account)."""
+    wandb_project: str = "carft_mega"
+    """wandb project."""
+    wandb_entity: str | None = None
+    """wandb entity (team or user); None = the account's default."""
+    wandb_run_name: str | None = None
+    """wandb run name; None = the out_dir's name."""
+    wandb_tags: str = ""
+    """Comma-separated wandb tags, e.g. 'gsm8k,carft'."""
 
 
 @dataclass(kw_only=True)
@@ -530,7 +548,7 @@ def validate(cfg: TrainerConfig) -> None:
     _positive("rollout.top_k", ro.top_k, allow_zero=True)
     if not 0.0 < ro.top_p <= 1.0:
         _fail("rollout.top_p", ro.top_p, "must be in (0, 1]")
-    if d.max_prompt_tokens + ro.max_new_tokens > d.max_length:
+    if cfg.ppo.enabled and d.max_prompt_tokens + ro.max_new_tokens > d.max_length:  # RL rollouts only
         _fail("rollout.max_new_tokens", ro.max_new_tokens,
               f"data.max_prompt_tokens ({d.max_prompt_tokens}) + rollout.max_new_tokens must be "
               f"<= data.max_length ({d.max_length})")
@@ -543,6 +561,9 @@ def validate(cfg: TrainerConfig) -> None:
             _fail(f"optim.{name}", getattr(o, name), "must be in [0, 1)")
     _positive("checkpoint.save_every", cfg.checkpoint.save_every, allow_zero=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last)
+    _positive("checkpoint.save_interval_minutes", cfg.checkpoint.save_interval_minutes, allow_zero=True)
+    if cfg.logging.wandb and not cfg.logging.wandb_project.strip():
+        _fail("logging.wandb_project", cfg.logging.wandb_project, "must not be empty with logging.wandb=true")
     _positive("logging.log_every", cfg.logging.log_every)
     _positive("logging.eval_every", cfg.logging.eval_every, allow_zero=True)
 

@@ -128,3 +128,12 @@ def test_shipped_configs_load():
     assert len(files) >= 3
     for f in files:
         load_config(f, ["model.path=/m"] if "quickstart" not in f else [])
+
+
+def test_rollout_length_is_checked_only_when_rl_runs():
+    """prompt + rollout.max_new_tokens > data.max_length is refused for RL; an SFT-only run (the
+    sft_gsm8k.sh workflow) with the paper's rollout.max_new_tokens and short sequences is fine."""
+    short = ["data.max_prompt_tokens=200", "data.max_length=400", "rollout.max_new_tokens=700"]
+    with pytest.raises(ValueError, match="rollout.max_new_tokens"):
+        load_config(None, short)
+    assert load_config(None, short + ["ppo.enabled=false"]).rollout.max_new_tokens == 700

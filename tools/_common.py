@@ -11,6 +11,18 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 
+def check_tp(path: str, tp: int, source: str = "hf") -> None:
+    """Refuse a ``--tp`` that does not divide the model's KV heads, naming the flag, before any work."""
+    from carft_mega.trainer.preflight import RunError
+    from carft_mega.trainer.preflight import check_tp as _check
+    from carft_mega.trainer.preflight import model_facts
+
+    try:
+        _check(model_facts(path, source), tp, "--tp {tp}")
+    except RunError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def init(tp: int, seed: int = 0) -> int:
     """Initialise torch.distributed + Megatron for a world of exactly ``tp`` ranks (DP = 1); returns the rank."""
     from carft_mega import parallel

@@ -27,6 +27,7 @@ def main(argv=None) -> int:
     from carft_mega import parallel
     from carft_mega.models.pipelines import DEFAULT_PROMPTS, compare_logits
 
+    _common.check_tp(args.ckpt, args.tp, "mcore")
     rank = _common.init(args.tp)
     try:
         res = compare_logits(args.hf, args.ckpt, prompts=tuple(args.prompt or DEFAULT_PROMPTS))

@@ -25,6 +25,7 @@ def main(argv=None) -> None:
     from carft_mega import parallel
     from carft_mega.models.pipelines import convert_hf_to_megatron
 
+    _common.check_tp(args.hf, args.tp, "hf")
     rank = _common.init(args.tp)
     try:
         convert_hf_to_megatron(args.hf, args.out, dtype=args.dtype, cot_proj_dim=args.cot_proj_dim, seed=args.seed)

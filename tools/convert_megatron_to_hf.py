@@ -23,6 +23,7 @@ def main(argv=None) -> None:
     from carft_mega import parallel
     from carft_mega.models.pipelines import convert_megatron_to_hf
 
+    _common.check_tp(args.ckpt, args.tp, "mcore")
     rank = _common.init(args.tp)
     try:
         convert_megatron_to_hf(args.ckpt, args.out, dtype=args.dtype)

@@ -46,7 +46,12 @@ _MAX_LISTED_BAD_ROWS = 5
 
 
 class DataNotFoundError(FileNotFoundError):
-    """No data file found anywhere; the message lists every place that was tried."""
+    """No data file found anywhere; the message lists every place that was tried (``looked``)."""
+
+    def __init__(self, message: str, looked: list[str] | None = None, **where):
+        super().__init__(message)
+        self.looked = looked or []
+        self.where = where
 
 
 def _field(row: dict, key: str, types: tuple[type, ...], required: bool = True) -> Any:
@@ -255,6 +260,48 @@ def load_dataset(name: str, split: str, style: str = "nl", *, path: str | None =
             raise DataNotFoundError(f"{name} {split}: the explicit path {path!r} is not a file")
         return load_file(path, style, **kw)
 
+    found, looked = find_local_file(name, split, style, data_dir)
+    if found is not None:
+        logger.info("loading %s %s (%s) from %s", name, split, style, found)
+        return load_file(found, style, **kw)
+
+    if hub_applies(name, split, style):
+        where = f"Hugging Face hub {HF_GSM8K[0]} (config {HF_GSM8K[1]}, split {split})"
+        try:
+            return _load_hub(name, split, style, require_cot, limit)
+        except DataError:
+            raise
+        except Exception as e:  # offline, no cache, missing package, ...: report it with the rest
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            looked.append(f"{where}: {type(e).__name__}: {msg}")
+    else:
+        looked.append("Hugging Face hub: not used for this dataset/split/style")
+
+    raise DataNotFoundError(
+        f"no {name} {split} data ({style} style) found. Looked in:\n  - "
+        + "\n  - ".join(looked)
+        + "\nPass path=, or data_dir= / set CARFT_DATA_DIR to a directory laid out as "
+          "<dataset>/<file> (e.g. gsm8k/train.jsonl, svamp/svamp_nl.json)."
+        + ("\n" + _python_gsm8k_note() if name == "gsm8k" and split == "train" and style == "python" else ""),
+        looked=looked, name=name, split=split, style=style)
+
+
+def _python_gsm8k_note() -> str:
+    return ("GSM8K has no public python-style training file: ReFT's gsm8k_python_sdp.json is not obtainable "
+            "(its blob is missing from every public mirror). Use style='nl', the svamp python set, or your own file.")
+
+
+def hub_applies(name: str, split: str, style: str) -> bool:
+    """Whether the Hugging Face hub is a fallback for this dataset / split / style (GSM8K nl, and test)."""
+    return name == "gsm8k" and not (split == "train" and style == "python")
+
+
+def find_local_file(name: str, split: str, style: str, data_dir: str | None) -> tuple[str | None, list[str]]:
+    """The first candidate file under ``data_dir``, then ``$CARFT_DATA_DIR`` (see :data:`CANDIDATES`).
+
+    Returns:
+        ``(path or None, what was looked at)``.
+    """
     looked: list[str] = []
     roots: list[tuple[str, str | None]] = []
     if data_dir is not None:
@@ -272,32 +319,46 @@ def load_dataset(name: str, split: str, style: str = "nl", *, path: str | None =
         for rel in CANDIDATES[(name, split, style)]:
             candidate = os.path.join(root, rel)
             if os.path.isfile(candidate):
-                logger.info("loading %s %s (%s) from %s", name, split, style, candidate)
-                return load_file(candidate, style, **kw)
+                return candidate, looked
             looked.append(f"{label}: {candidate} (missing)")
+    return None, looked
 
-    if name == "gsm8k" and not (split == "train" and style == "python"):
-        where = f"Hugging Face hub {HF_GSM8K[0]} (config {HF_GSM8K[1]}, split {split})"
-        try:
-            return _load_hub(name, split, style, require_cot, limit)
-        except DataError:
-            raise
-        except Exception as e:  # offline, no cache, missing package, ...: report it with the rest
-            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-            looked.append(f"{where}: {type(e).__name__}: {msg}")
-    else:
-        looked.append("Hugging Face hub: not used for this dataset/split/style")
 
-    note = ""
+def _config_error(data_cfg, split: str, looked: list[str]) -> str:
+    """One line naming the config fields that decide where ``split`` comes from."""
+    field = "data.train_path" if split == "train" else "data.test_path"
+    name, style = data_cfg.dataset, data_cfg.style
+    files = " or ".join(CANDIDATES[(name, split, style)])
+    tried = "; ".join(looked)
+    line = (f"no {name} {split} data ({style} style): looked at {tried}. Set data.data_dir (DATA_DIR= in the "
+            f"example scripts) or $CARFT_DATA_DIR to a folder holding {files}, or {field} to a file")
     if name == "gsm8k" and split == "train" and style == "python":
-        note = ("\nGSM8K has no public python-style training file: ReFT's gsm8k_python_sdp.json is not "
-                "obtainable (its blob is missing from every public mirror). Use style='nl', the "
-                "svamp python set, or pass path= to your own file.")
-    raise DataNotFoundError(
-        f"no {name} {split} data ({style} style) found. Looked in:\n  - "
-        + "\n  - ".join(looked)
-        + "\nPass path=, or data_dir= / set CARFT_DATA_DIR to a directory laid out as "
-          "<dataset>/<file> (e.g. gsm8k/train.jsonl, svamp/svamp_nl.json)." + note)
+        line += ". " + _python_gsm8k_note()
+    return line
+
+
+def locate_from_config(data_cfg, split: str) -> str | None:
+    """Where ``load_from_config`` will read ``split`` from, without reading it: the file, or None
+    (the synthetic task, or the hub fallback).
+
+    Raises:
+        DataNotFoundError: one line naming ``data.train_path`` / ``data.test_path`` or
+            ``data.data_dir`` and the files looked for.
+    """
+    if data_cfg.dataset == "synthetic":
+        return None
+    path = data_cfg.train_path if split == "train" else data_cfg.test_path
+    if path is not None:
+        if not os.path.isfile(path):
+            field = "data.train_path" if split == "train" else "data.test_path"
+            raise DataNotFoundError(f"config field '{field}' = {path!r}: no such file")
+        return path
+    found, looked = find_local_file(data_cfg.dataset, split, data_cfg.style, data_cfg.data_dir)
+    if found is not None:
+        return found
+    if hub_applies(data_cfg.dataset, split, data_cfg.style):
+        return None  # the hub may still have it (load_from_config reports it when not)
+    raise DataNotFoundError(_config_error(data_cfg, split, looked))
 
 
 def load_from_config(data_cfg, split: str) -> list[Record]:
@@ -313,8 +374,12 @@ def load_from_config(data_cfg, split: str) -> list[Record]:
         size = data_cfg.synthetic_train_size if train else data_cfg.synthetic_test_size
         limit = size if limit is None else min(size, limit)
     path = data_cfg.train_path if train else data_cfg.test_path
-    return load_dataset(data_cfg.dataset, split, data_cfg.style, path=path,
-                        data_dir=data_cfg.data_dir, skip_bad_rows=data_cfg.skip_bad_rows, limit=limit,
-                        seed=data_cfg.seed, min_steps=data_cfg.synthetic_min_steps,
-                        max_steps=data_cfg.synthetic_max_steps, max_value=data_cfg.synthetic_max_value,
-                        annotation_noise=data_cfg.synthetic_annotation_noise)
+    locate_from_config(data_cfg, split)  # a missing file: one line naming the config fields
+    try:
+        return load_dataset(data_cfg.dataset, split, data_cfg.style, path=path,
+                            data_dir=data_cfg.data_dir, skip_bad_rows=data_cfg.skip_bad_rows, limit=limit,
+                            seed=data_cfg.seed, min_steps=data_cfg.synthetic_min_steps,
+                            max_steps=data_cfg.synthetic_max_steps, max_value=data_cfg.synthetic_max_value,
+                            annotation_noise=data_cfg.synthetic_annotation_noise)
+    except DataNotFoundError as e:  # only the hub was left, and it failed too
+        raise DataNotFoundError(_config_error(data_cfg, split, e.looked), looked=e.looked) from None

@@ -82,6 +82,26 @@ class CharTokenizer:
             ids.append(i)
         return ids
 
+    def to_hf(self):
+        """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (what an HF export of a
+        model trained with it carries, so that ``AutoTokenizer.from_pretrained`` loads it).
+
+        Same ids for every text in the alphabet: every character is its own pre-token, looked up
+        in a word-level vocabulary (unknown characters -> ``<unk>``), decoded by concatenation. One
+        difference: the literal texts ``<pad>``/``<eos>``/``<unk>`` are special tokens there.
+        """
+        from tokenizers import Regex, decoders, models, pre_tokenizers
+        from tokenizers import Tokenizer as _Tokenizer
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {text: i for i, text in self._SPECIAL_TEXT.items()}
+        vocab.update(self._stoi)
+        tok = _Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        tok.decoder = decoders.Fuse()
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                                       unk_token="<unk>", clean_up_tokenization_spaces=False)
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """Text of ``ids``. Specials are dropped, or rendered as ``<pad>``/``<eos>``/``<unk>``."""
         out = []

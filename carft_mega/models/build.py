@@ -203,13 +203,26 @@ def save_policy_checkpoint(policy: PolicyModel, ckpt_dir: str | os.PathLike, *,
     dist.barrier()
     dist_checkpointing.save({"model": policy.sharded_state_dict()}, ckpt_dir)
     if dist.get_rank() == 0:
-        tok = None
-        if tokenizer_src:
-            tok = TOKENIZER_SUBDIR if convert.save_tokenizer(tokenizer_src, os.path.join(ckpt_dir, TOKENIZER_SUBDIR)) \
-                else None
+        tok = save_checkpoint_tokenizer(tokenizer_src, ckpt_dir)
         write_arch_json(ckpt_dir, policy.arch, policy.padded_vocab_size, tok,
                         {**checkpoint_info(policy), **(extra or {})})
+        convert.follow_umask(ckpt_dir)
     dist.barrier()
+
+
+def save_checkpoint_tokenizer(tokenizer_src: str | None, ckpt_dir: str | os.PathLike) -> str | None:
+    """Put the tokenizer into a checkpoint; returns what ``carft_arch.json`` records under "tokenizer".
+
+    ``"char"`` (the character tokenizer) is recorded as such, nothing to copy; a tokenizer or HF
+    directory or a GGUF file goes to ``ckpt_dir/tokenizer`` (:func:`convert.save_tokenizer`), recorded
+    as ``"tokenizer"``; None (or a source without a tokenizer) records None.
+    """
+    if not tokenizer_src:
+        return None
+    if tokenizer_src == convert.CHAR_TOKENIZER:
+        return convert.CHAR_TOKENIZER
+    saved = convert.save_tokenizer(tokenizer_src, os.path.join(os.fspath(ckpt_dir), TOKENIZER_SUBDIR))
+    return TOKENIZER_SUBDIR if saved else None
 
 
 def load_policy_weights(policy: PolicyModel, ckpt_dir: str | os.PathLike, strict: bool = True) -> None:
@@ -238,11 +251,14 @@ def load_policy_checkpoint(ckpt_dir: str | os.PathLike, model_cfg: ModelConfig) 
 
 
 def tokenizer_dir_of(ckpt_dir: str | os.PathLike) -> str | None:
-    """The tokenizer directory saved in a Megatron checkpoint, or None."""
+    """The tokenizer saved in a Megatron checkpoint: its directory, ``"char"`` (the character
+    tokenizer), or None (checkpoints written before tokenizers were saved with every checkpoint)."""
     info = read_arch_json(ckpt_dir)
     tok = info.get("tokenizer")
     if not tok:
         return None
+    if tok == convert.CHAR_TOKENIZER:
+        return tok
     return tok if os.path.isabs(tok) else os.path.join(os.fspath(ckpt_dir), tok)
 
 
@@ -269,5 +285,5 @@ def export_hf(policy: PolicyModel, out_dir: str | os.PathLike, *, tokenizer_dir:
 
 __all__ = ["build_policy", "frozen_copy", "make_tiny_hf_model", "build_model_skeleton",
            "policy_from_hf_source", "load_v_head_", "checkpoint_info", "save_policy_checkpoint",
-           "load_policy_weights", "load_policy_checkpoint",
+           "load_policy_weights", "load_policy_checkpoint", "save_checkpoint_tokenizer",
            "tokenizer_dir_of", "export_hf", "TOKENIZER_SUBDIR"]

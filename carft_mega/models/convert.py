@@ -416,13 +416,27 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 """Files that make up an HF tokenizer (copied verbatim between directories)."""
 
 
+CHAR_TOKENIZER = "char"
+"""The tokenizer name of the embedded synthetic task's character tokenizer (``model.tokenizer=char``);
+``carft_arch.json`` records it as ``"tokenizer": "char"``."""
+
+
 def save_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike) -> str | None:
     """Put the tokenizer of an HF directory or GGUF file into ``out_dir`` (None if it has none).
 
     A directory's tokenizer files are copied verbatim (loading and re-saving could change them,
     e.g. transformers picks the tokenizer class from ``config.json``); a GGUF's embedded
-    tokenizer is loaded through transformers and saved.
+    tokenizer is loaded through transformers and saved; ``"char"`` (the character tokenizer) is
+    saved as its ``PreTrainedTokenizerFast`` equivalent (``CharTokenizer.to_hf``). The files
+    follow the umask (:func:`follow_umask`).
     """
+    if os.fspath(src) == CHAR_TOKENIZER:
+        from carft_mega.data.tokenizers import CharTokenizer
+
+        os.makedirs(out_dir, exist_ok=True)
+        CharTokenizer().to_hf().save_pretrained(out_dir)
+        follow_umask(out_dir)
+        return os.fspath(out_dir)
     src = resolve_hf_path(src)
     if not src.endswith(".gguf"):
         files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(src, f))]
@@ -430,14 +444,30 @@ def save_tokenizer(src: str | os.PathLike, out_dir: str | os.PathLike) -> str | 
             return None
         os.makedirs(out_dir, exist_ok=True)
         for f in files:
-            shutil.copy2(os.path.join(src, f), os.path.join(out_dir, f))
+            shutil.copyfile(os.path.join(src, f), os.path.join(out_dir, f))  # contents only: the umask's mode
         return os.fspath(out_dir)
     tok = load_tokenizer(src)
     if tok is None:
         return None
     os.makedirs(out_dir, exist_ok=True)
     tok.save_pretrained(out_dir)
+    follow_umask(out_dir)
     return os.fspath(out_dir)
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give the files under ``path`` (or the file ``path``) the mode the user's umask gives new
+    files (``0666 & ~umask``). Writers that go through a private temporary file (safetensors'
+    ``save_file``, ``tempfile.mkstemp``) leave 0600, which other users of a shared run directory
+    cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    mode = 0o666 & ~mask
+    paths = [os.fspath(path)] if os.path.isfile(path) else \
+        [os.path.join(d, f) for d, _, files in os.walk(path) for f in files]
+    for p in paths:
+        if not os.path.islink(p) and (os.stat(p).st_mode & 0o777) != mode:
+            os.chmod(p, mode)
 
 
 # --------------------------------------------------------------------------------------------
@@ -573,7 +603,8 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, hf_sd: dict[str, torch.Tensor
         arch: architecture (for ``config.json``).
         dtype: cast the weights (default: keep).
         v_head: CoT head state dict (``proj.weight`` ...), written as ``v_head.safetensors``.
-        tokenizer_dir: directory whose tokenizer files are copied next to the weights.
+        tokenizer_dir: the tokenizer put next to the weights (:func:`save_tokenizer`: a tokenizer or HF
+            directory, a GGUF file, or ``"char"``), so that ``AutoTokenizer`` loads the directory.
         config_extra: extra config fields (``bos_token_id`` ...).
     """
     from safetensors.torch import save_file
@@ -589,9 +620,8 @@ def save_hf_checkpoint(out_dir: str | os.PathLike, hf_sd: dict[str, torch.Tensor
     if v_head is not None:
         save_file(v_head_to_hf(v_head), os.path.join(out_dir, V_HEAD_FILE), metadata={"format": "pt"})
     if tokenizer_dir:
-        for f in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(tokenizer_dir, f)):
-                shutil.copy2(os.path.join(tokenizer_dir, f), os.path.join(out_dir, f))
+        save_tokenizer(tokenizer_dir, out_dir)
+    follow_umask(out_dir)
 
 
 def v_head_path(hf_path: str | os.PathLike) -> str:
@@ -648,6 +678,10 @@ def export_token_ids(token_ids: dict | None, tokenizer_dir: str | None = None) -
     """
     if token_ids:
         return {k: token_ids.get(k) for k in TOKEN_ID_FIELDS}
+    if tokenizer_dir == CHAR_TOKENIZER:
+        from carft_mega.data.tokenizers import CharTokenizer
+
+        return {"bos_token_id": None, "eos_token_id": CharTokenizer.EOS, "pad_token_id": CharTokenizer.PAD}
     tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else None
     return {k: getattr(tok, k, None) if tok is not None else None for k in TOKEN_ID_FIELDS}
 
@@ -658,5 +692,6 @@ __all__ = [
     "merge_tp_shards", "megatron_keys", "to_te_name", "from_te_name", "hf_to_megatron_tensor",
     "load_hf_into_gpt", "gather_gpt_state_dict", "megatron_to_hf_state_dict", "save_hf_checkpoint",
     "read_v_head", "v_head_path", "v_head_to_hf", "v_head_from_hf", "load_hf_model", "load_tokenizer", "save_tokenizer",
-    "hf_token_ids", "export_token_ids", "TOKEN_ID_FIELDS", "weight_files", "resolve_hf_path", "WEIGHTS_INDEX",
+    "hf_token_ids", "export_token_ids", "TOKEN_ID_FIELDS", "CHAR_TOKENIZER", "follow_umask", "weight_files",
+    "resolve_hf_path", "WEIGHTS_INDEX",
 ]

@@ -102,3 +102,52 @@ def finish_optimizer_load(optimizer) -> None:
                 if id(step) in seen:
                     state["step"] = step.clone()
                 seen.add(id(step))
+
+
+# --------------------------------------------------------------------------------------------
+# dist_checkpointing's helper processes and stop signals
+
+_RESULTS_MANAGER = None  # keeps the Manager below alive for the life of the process
+
+
+def _ignore_stop_signals() -> None:  # runs in the Manager's server process (module level: spawn pickles it)
+    import signal
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
+
+
+def shield_checkpoint_helpers() -> None:
+    """Start dist_checkpointing's long-lived helper processes so that stop signals do not kill them.
+
+    megatron-core 0.16.1's checkpoint writer (``strategies/filesystem_async.py``) creates, at the
+    first save, a ``spawn`` ``Manager`` for its results queue, and multiprocessing a resource
+    tracker; both stay alive in the trainer's process group. A stop signal sent to that group
+    (torchrun's agent forwards with ``killpg``, Ctrl-C reaches the whole foreground group, Slurm
+    signals every process of a job step) kills them, and the checkpoint the trainer then saves
+    fails with ``BrokenPipeError``. Here the Manager is started first, with the stop signals
+    ignored in it, and installed as the writer's queue; the resource tracker ignores SIGINT and
+    SIGTERM itself and is started with SIGUSR1 blocked (a blocked mask survives ``exec``). Call
+    from the main thread, before the first save; idempotent.
+    """
+    global _RESULTS_MANAGER
+    import multiprocessing as mp
+    import signal
+    from multiprocessing import resource_tracker
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):  # another megatron-core: its writer is unknown here
+        return
+    if _RESULTS_MANAGER is not None or filesystem_async._results_queue is not None:
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+        manager = SyncManager(ctx=mp.get_context("spawn"))
+        manager.start(initializer=_ignore_stop_signals)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    filesystem_async._results_queue = manager.Queue()
+    _RESULTS_MANAGER = manager

@@ -88,6 +88,22 @@ def _prompt_batch(prompts, tokenizer_src: str | None, vocab_size: int, seed: int
     return tokens, mask
 
 
+def kl_per_position(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) over the last axis from log-probabilities, clamped at 0.
+
+    KL is never negative, but its fp32 sum over a vocabulary of nearly equal distributions
+    rounds to about -1e-9 (``-3.6e-09`` was printed for a bit-exact conversion); a negative KL
+    reads as a bug, so the rounding is clamped away.
+
+    Args:
+        logp_p, logp_q: ``(..., V)`` log-softmax outputs.
+
+    Returns:
+        ``(...)`` KL per position, >= 0.
+    """
+    return (logp_p.exp() * (logp_p - logp_q)).sum(-1).clamp(min=0.0)
+
+
 @torch.no_grad()
 def compare_logits(hf_path: str | os.PathLike, ckpt_dir: str | os.PathLike | None = None, *, policy=None,
                    hf_model=None, prompts=DEFAULT_PROMPTS, tokenizer_src: str | None = None) -> dict[str, float]:
@@ -123,7 +139,7 @@ def compare_logits(hf_path: str | os.PathLike, ckpt_dir: str | os.PathLike | Non
     ref = hf_model(input_ids=tokens, attention_mask=mask.long(), position_ids=pos).logits[..., :V].float()
     lp_m, lp_h = torch.log_softmax(meg, -1), torch.log_softmax(ref, -1)
     real = mask.clone()
-    kl = (lp_h.exp() * (lp_h - lp_m)).sum(-1)[real]  # (positions,)
+    kl = kl_per_position(lp_h, lp_m)[real]  # (positions,)
     nxt = mask[:, 1:] & mask[:, :-1]
     tgt = tokens[:, 1:, None]
     dlogp = (lp_m[:, :-1].gather(-1, tgt) - lp_h[:, :-1].gather(-1, tgt)).squeeze(-1)[nxt]
@@ -132,4 +148,5 @@ def compare_logits(hf_path: str | os.PathLike, ckpt_dir: str | os.PathLike | Non
             "max_abs_dlogit": (meg - ref).abs()[real].max().item(), "positions": int(real.sum())}
 
 
-__all__ = ["DEFAULT_PROMPTS", "convert_hf_to_megatron", "convert_megatron_to_hf", "compare_logits"]
+__all__ = ["DEFAULT_PROMPTS", "convert_hf_to_megatron", "convert_megatron_to_hf", "compare_logits",
+           "kl_per_position"]

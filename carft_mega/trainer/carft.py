@@ -36,9 +36,11 @@ from carft_mega.rollout.generate import RolloutBatch, generate
 from carft_mega.rollout.sampling import RowNoise, mix_seed
 from carft_mega.trainer.checkpoint import CheckpointRef
 from carft_mega.trainer.context import Run, TrainingStopped, build_initial_policy, rl_total_steps
-from carft_mega.trainer.engine import Engine, build_engine, export_stage_hf, load_engine, save_engine
+from carft_mega.config import to_dict
+from carft_mega.trainer.engine import Engine, build_engine, finish_stage, load_engine, save_engine
 from carft_mega.trainer.evaluate import decode_generations, evaluate, extract_answers_tp
 from carft_mega.trainer.metrics import StageTimer
+from carft_mega.trainer.stop import RunStopped
 
 RL_DATA_SALT = 1
 
@@ -640,13 +642,21 @@ def method_name(cfg) -> str:
     return "ReFT" if cfg.contrastive.signal == "none" else f"CARFT ({cfg.contrastive.signal} signal)"
 
 
-def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None) -> None:
+def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None, plan=None) -> None:
     """Train the RL stage from ``init`` (the SFT checkpoint; None = ``model.source``), resuming
-    from ``resume`` when given."""
+    from ``resume`` when given.
+
+    Raises:
+        RunStopped: after saving a checkpoint on a stop signal (``trainer/stop.py``).
+    """
     from carft_mega.models.build import frozen_copy, load_policy_checkpoint
 
     cfg = run.cfg
     total = rl_total_steps(cfg, len(run.train))
+    name = method_name(cfg)
+    if resume is not None and resume.step >= total:  # trained: only the export / evaluation may be left
+        _finish(run, resume, None, name)
+        return
     policy = load_policy_checkpoint(init.path, cfg.model).to(run.device) if init is not None \
         else build_initial_policy(run)
     ref_model = frozen_copy(policy, cfg.model)  # before any update or resume: the RL start point
@@ -662,7 +672,6 @@ def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None
         acc0 = run.results["initial_accuracy"] = evaluate(run, engine.policy, tag="carft_step0")
         run.logger.log("carft", 0, {"eval/accuracy": acc0}, advance=False)
         run.print(f"accuracy before RL: {acc0:.4f}")
-    name = method_name(cfg)
     run.print(f"{name}: {total} rollout steps of {cfg.ppo.rollout_batch_size} prompts x "
               f"{cfg.rollout.samples_per_prompt} samples, {U} PPO epochs each, lr {cfg.ppo.lr}")
     run.logger.start_stage("carft", total, engine.step // U)
@@ -672,8 +681,9 @@ def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None
         step = engine.step // U  # the rollout step (the data cursor)
         metrics = carft_step(run, engine, ref_model, step, terms)
         done = step + 1
+        acc = None
         if cfg.logging.eval_every and done % cfg.logging.eval_every == 0 and done < total:
-            metrics["eval/accuracy"] = evaluate(run, engine.policy, tag=f"carft_step{done}")
+            acc = metrics["eval/accuracy"] = evaluate(run, engine.policy, tag=f"carft_step{done}")
         skipped = metrics.get("optim/skipped", 0.0) > 0.0
         if skipped:
             run.print(f"RL step {done}: update skipped, non-finite loss or gradient "
@@ -683,21 +693,34 @@ def run_carft(run: Run, init: CheckpointRef | None, resume: CheckpointRef | None
         if engine.nonfinite_streak >= cfg.ppo.max_nonfinite_steps:
             raise TrainingStopped(f"RL stopped at step {done}: {engine.nonfinite_streak} consecutive updates with "
                                   f"a non-finite loss or gradient (ppo.max_nonfinite_steps)")
-        if cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0 and done < total:
-            save_carft(run, engine, done, init_path)
-    # Resumed from the final checkpoint (a crash in the export or evaluation after it): keep it.
-    final = resume if resume is not None and resume.step >= total else save_carft(run, engine, total, init_path)
-    export_stage_hf(run, engine, "carft")
-    acc = evaluate(run, engine.policy, tag=f"carft_step{total}")
+        signum, timed = run.stop.poll(run.device)  # one all-reduce per step: every rank stops at this step
+        if plan is not None:
+            plan.observe(run, "carft", done, metrics.get("time/step"))
+        periodic = cfg.checkpoint.save_every and done % cfg.checkpoint.save_every == 0
+        best = acc is not None and run.ckpts.would_be_best(acc)  # checkpoint.keep_best needs this step saved
+        if done < total and (periodic or timed or signum or best):
+            saved = save_carft(run, engine, done, init_path)
+            if acc is not None:
+                run.ckpts.record_eval(saved, f"carft_step{done}", acc)
+            if signum:
+                raise RunStopped(signum, "RL", done, total, saved.path)
+    final = save_carft(run, engine, total, init_path)
+    _finish(run, final, engine.policy, name)
+
+
+def _finish(run: Run, final: CheckpointRef, policy, name: str) -> None:
+    """Export and evaluate the final RL checkpoint (once: a resumed run reuses what was recorded)."""
+    acc = finish_stage(run, "carft", final, policy, tag=f"carft_step{final.step}")
     run.results["carft_accuracy"] = acc
     run.results["final_checkpoint"] = final.path
-    run.logger.log("carft", total, {"eval/accuracy": acc}, advance=False)
     run.print(f"accuracy after {name}: {acc:.4f} on {len(run.test)} test problems")
 
 
 def save_carft(run: Run, engine: Engine, step: int, init_path: str | None) -> CheckpointRef:
     state = {"stage": "carft", "step": engine.step, "rollout_step": step, "total_steps": engine.total_steps,
-             "nonfinite_streak": engine.nonfinite_streak,
+             "nonfinite_streak": engine.nonfinite_streak, "config": to_dict(run.cfg),
              # Relative to the checkpoints folder, so a run directory can be moved and still resume.
              "init_checkpoint": None if init_path is None else os.path.relpath(init_path, run.ckpts.root)}
-    return run.ckpts.save("carft", step, lambda d: save_engine(engine, d, run.tokenizer_dir), state)
+    ref = run.ckpts.save("carft", step, lambda d: save_engine(engine, d, run.tokenizer_dir), state)
+    run.stop.note_saved()
+    return ref

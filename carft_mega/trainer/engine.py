@@ -148,15 +148,19 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_engine(engine: Engine, ckpt_dir: str, tokenizer_dir: str | None = None) -> None:
-    """Model + optimizer (dist_checkpointing, reshardable over TP and DP), arch JSON and RNG.
+    """Model + optimizer (dist_checkpointing, reshardable over TP and DP), arch JSON, tokenizer and RNG.
 
-    Collective. ``ckpt_dir`` exists. The directory is also a valid ``model.source=mcore`` path and
-    an input of ``tools/convert_megatron_to_hf.py``.
+    Collective. ``ckpt_dir`` exists. The directory is also a valid ``model.source=mcore`` path (its
+    tokenizer included: ``tokenizer/``, or ``"char"`` in ``carft_arch.json``) and an input of
+    ``tools/convert_megatron_to_hf.py``.
+
+    Args:
+        tokenizer_dir: ``Run.tokenizer_dir``: ``"char"`` or a tokenizer directory to copy.
     """
     from megatron.core import dist_checkpointing
 
     from carft_mega.models.arch import write_arch_json
-    from carft_mega.models.build import checkpoint_info
+    from carft_mega.models.build import checkpoint_info, save_checkpoint_tokenizer
     from carft_mega.models.megatron_compat import OPTIMIZER_SHARDING_METADATA
 
     policy = engine.policy
@@ -168,7 +172,8 @@ def save_engine(engine: Engine, ckpt_dir: str, tokenizer_dir: str | None = None)
     torch.save(rng_state(), os.path.join(ckpt_dir, "rng", f"rank{dist.get_rank():05d}.pt"))
     if dist.get_rank() == 0:
         # cot_proj_dim, dtype and the source's HF token ids: the HF export needs all three.
-        write_arch_json(ckpt_dir, policy.arch, policy.padded_vocab_size, tokenizer_dir, checkpoint_info(policy))
+        tok = save_checkpoint_tokenizer(tokenizer_dir, ckpt_dir)
+        write_arch_json(ckpt_dir, policy.arch, policy.padded_vocab_size, tok, checkpoint_info(policy))
 
 
 def load_engine(engine: Engine, ckpt_dir: str, restore_rng: bool = True) -> None:
@@ -193,14 +198,57 @@ def load_engine(engine: Engine, ckpt_dir: str, restore_rng: bool = True) -> None
         set_rng_state(torch.load(rng_file, weights_only=False))
 
 
-def export_stage_hf(run, engine: Engine, stage: str) -> str | None:
-    """``checkpoint.export_hf``: write ``<out_dir>/hf/<stage>`` (HF config + safetensors + tokenizer,
-    the CoT head as ``v_head.safetensors``). Collective; returns the path (None when disabled)."""
+def export_stage_hf(run, policy, stage: str) -> str | None:
+    """``checkpoint.export_hf``: write ``<out_dir>/hf/<stage>`` (HF config + safetensors + the run's
+    tokenizer, the CoT head as ``v_head.safetensors``; loads with ``AutoModelForCausalLM`` and
+    ``AutoTokenizer``). Written next to it and renamed into place, so the directory is complete or
+    absent. Collective; returns the path (None when disabled)."""
     if not run.cfg.checkpoint.export_hf:
         return None
+    import shutil
+
+    import torch.distributed as dist
+
     from carft_mega.models.build import export_hf
 
     path = os.path.join(run.cfg.out_dir, "hf", stage)
-    export_hf(engine.policy, path, tokenizer_dir=run.tokenizer_dir)
+    tmp = path + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    export_hf(policy, tmp, tokenizer_dir=run.tokenizer_dir)
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
     run.print(f"exported the {stage} policy as an HF model: {path}")
     return path
+
+
+def finish_stage(run, stage: str, ref, policy, tag: str) -> float:
+    """What follows a stage's final checkpoint ``ref``: the HF export (``checkpoint.export_hf``) and
+    the greedy evaluation, each done once and recorded in ``ref/stage_end.json``, so that a run
+    resumed from ``ref`` (after a crash or a stop signal) neither repeats them nor logs a second
+    evaluation row. ``policy`` may be None: it is loaded from ``ref`` only if something is left to do.
+
+    Returns:
+        The stage's test accuracy.
+    """
+    from carft_mega.trainer.evaluate import evaluate
+
+    cfg = run.cfg
+    rec = run.ckpts.read_stage_end(ref)
+    todo_export = cfg.checkpoint.export_hf and not rec.get("export")
+    if (todo_export or "eval" not in rec) and policy is None:
+        from carft_mega.models.build import load_policy_checkpoint
+
+        policy = load_policy_checkpoint(ref.path, cfg.model).to(run.device)
+    if todo_export:
+        rec["export"] = os.path.relpath(export_stage_hf(run, policy, stage), cfg.out_dir)
+        run.ckpts.write_stage_end(ref, rec)
+    if "eval" not in rec:
+        acc = evaluate(run, policy, tag=tag)
+        rec["eval"] = {"tag": tag, "accuracy": acc}
+        run.ckpts.write_stage_end(ref, rec)
+        run.ckpts.record_eval(ref, tag, acc)
+        run.logger.log(stage, ref.step, {"eval/accuracy": acc}, advance=False)
+    return rec["eval"]["accuracy"]

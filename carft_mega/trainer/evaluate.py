@@ -25,13 +25,14 @@ def decode_generations(run, records, gens: list[list[int]]) -> tuple[list[str], 
 
 
 @torch.no_grad()
-def evaluate(run, policy, tag: str) -> float:
+def evaluate(run, policy, tag: str, path: str | None = None) -> float:
     """Greedy accuracy on ``run.test`` (sharded over DP); rank 0 writes ``eval/<tag>.jsonl``.
 
     Args:
-        run: the ``Run``.
+        run: the ``Run`` (or anything with its ``cfg``, ``test``, ``tokenizer``, ``device``, ``sandbox``).
         policy: the unwrapped policy.
         tag: file name stem, e.g. ``sft_step40`` or ``carft_step10``.
+        path: write the per-sample JSONL here instead of ``<out_dir>/eval/<tag>.jsonl``.
 
     Returns:
         Accuracy over the whole test set (identical on every rank).
@@ -64,13 +65,12 @@ def evaluate(run, policy, tag: str) -> float:
     all_rows = sorted((x for part in gathered for x in part), key=lambda x: x["index"])
     acc = sum(x["correct"] for x in all_rows) / max(1, len(all_rows))
     if dist.get_rank() == 0:
-        d = os.path.join(cfg.out_dir, "eval")
-        os.makedirs(d, exist_ok=True)
-        tmp = os.path.join(d, f"{tag}.jsonl.tmp")
-        with open(tmp, "w") as f:
+        path = path or os.path.join(cfg.out_dir, "eval", f"{tag}.jsonl")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
             for x in all_rows:
                 f.write(json.dumps(x) + "\n")
-        os.replace(tmp, os.path.join(d, f"{tag}.jsonl"))
+        os.replace(path + ".tmp", path)
     return acc
 
 

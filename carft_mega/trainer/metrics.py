@@ -1,5 +1,9 @@
-"""Run logging on rank 0: a console progress bar with ETA, a JSONL metrics file, TensorBoard, and a
-PNG plot of reward, accuracy and losses written next to the run."""
+"""Run logging on rank 0: a console progress bar with ETA, a JSONL metrics file, TensorBoard (and
+wandb when asked for), and a PNG plot of reward, accuracy and losses written next to the run.
+
+Every sink uses the metric names of ``metrics.jsonl`` (``sft/loss``, ``loss``, ``reward/accuracy``,
+``eval/accuracy``, ...) on one x axis, the *run step*: SFT steps 1..N_sft, then RL step s at
+N_sft + s (``MetricsLogger.set_stage_offsets``), as in ``curves.png``."""
 
 from __future__ import annotations
 
@@ -11,15 +15,24 @@ from typing import Any
 
 import torch
 
-# What the progress bar shows, in order, when present.
-_BAR_KEYS = ("loss", "reward/score", "reward/accuracy", "eval/accuracy", "actor/pg_loss",
-             "critic/vf_loss", "contrastive/loss", "perf/tokens_per_s")
+# What the progress bar shows, in order, when present: metric -> its label on the bar. Labels are
+# unique (a label cut from the metric name made ``contrastive/loss`` overwrite ``loss``, and
+# ``reward/accuracy`` and ``eval/accuracy`` both read ``accuracy``).
+BAR_LABELS = {
+    "sft/loss": "loss", "loss": "loss", "reward/score": "score", "reward/accuracy": "train_acc",
+    "eval/accuracy": "test_acc", "actor/pg_loss": "pg_loss", "critic/vf_loss": "vf_loss",
+    "contrastive/loss": "cl_loss", "perf/tokens_per_s": "tok/s",
+}
+# Row fields that are bookkeeping, not metrics (never sent to TensorBoard or wandb as scalars).
+ROW_FIELDS = ("stage", "step", "time")
 # What the plot shows: one panel per group.
 _PLOT_GROUPS = {
     "reward": ("reward/score", "reward/accuracy", "eval/accuracy"),
     "losses": ("sft/loss", "actor/pg_loss", "critic/vf_loss"),
     "contrastive": ("contrastive/loss", "contrastive/pos_loss", "contrastive/neg_loss"),
 }
+_PLOT_LABELS = {"reward/accuracy": "reward/accuracy (train rollouts, sampled)",
+                "eval/accuracy": "eval/accuracy (test set, greedy)", "loss": "loss (RL total)"}
 
 
 def _scalar(v: Any) -> float | None:
@@ -52,6 +65,8 @@ class MetricsLogger:
         self._bar = None
         self._plot = plot
         self._progress = progress_bar
+        self._offsets = {"sft": 0, "carft": 0}
+        self._extra_sinks: list = []  # objects with log_scalars(dict, step, walltime) and close()
         if not enabled:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -63,6 +78,20 @@ class MetricsLogger:
                 self._tb = SummaryWriter(os.path.join(out_dir, "tb"))
             except ImportError:  # tensorboard is in requirements.txt; tolerate its absence
                 self._tb = None
+
+    def set_stage_offsets(self, sft_steps: int) -> None:
+        """Put RL step s at run step ``sft_steps + s`` on the TensorBoard / wandb x axis (the SFT
+        stage's total steps, 0 without SFT), so both stages share one axis."""
+        self._offsets = {"sft": 0, "carft": int(sft_steps)}
+
+    def run_step(self, stage: str, step: int) -> int:
+        """The x-axis position of ``step`` of ``stage`` (see :meth:`set_stage_offsets`)."""
+        return self._offsets.get(stage, 0) + step
+
+    def add_sink(self, sink) -> None:
+        """Another scalar sink (wandb): ``sink.log_scalars(scalars, run_step, walltime)``, ``sink.close()``."""
+        if self.enabled:
+            self._extra_sinks.append(sink)
 
     def _read_existing(self) -> list[dict[str, Any]]:
         """Keep earlier lines of a resumed run, so the plot covers the whole run."""
@@ -126,13 +155,15 @@ class MetricsLogger:
         self.history.append(row)
         with open(self._jsonl_path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if k not in ROW_FIELDS and isinstance(v, float)}
+        x = self.run_step(stage, step)
         if self._tb is not None:
-            offset = 0 if stage == "sft" else 1_000_000  # keep the two stages apart on one axis
-            for k, v in row.items():
-                if isinstance(v, float):
-                    self._tb.add_scalar(f"{stage}/{k}", v, offset + step)
+            for k, v in scalars.items():  # the jsonl name is the tag; the wall time is the event's
+                self._tb.add_scalar(k, v, x, walltime=row["time"])
+        for sink in self._extra_sinks:
+            sink.log_scalars(scalars, x, row["time"])
         if self._bar is not None:
-            shown = {k.split("/")[-1]: f"{row[k]:.4g}" for k in _BAR_KEYS if isinstance(row.get(k), float)}
+            shown = {label: f"{row[k]:.4g}" for k, label in BAR_LABELS.items() if isinstance(row.get(k), float)}
             self._bar.set_postfix(shown, refresh=False)
             if advance:
                 self._bar.update(1)
@@ -170,7 +201,7 @@ class MetricsLogger:
                         xs.append(r["step"] + (sft_steps if r["stage"] == "carft" else 0))
                         ys.append(r[key])
                 if xs:
-                    ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=key)
+                    ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=_PLOT_LABELS.get(key, key))
             if sft_steps:
                 ax.axvline(sft_steps, color="grey", lw=0.8, ls="--")
             ax.set_title(title)
@@ -195,6 +226,9 @@ class MetricsLogger:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        for sink in self._extra_sinks:
+            sink.close()
+        self._extra_sinks = []
         self.plot()
 
 

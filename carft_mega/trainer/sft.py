@@ -10,12 +10,13 @@ import torch
 import torch.distributed as dist
 
 from carft_mega import parallel
+from carft_mega.config import to_dict
 from carft_mega.data.collate import collate_sft, encode_sft, micro_batches, padding_share
 from carft_mega.trainer.checkpoint import CheckpointRef
-from carft_mega.trainer.engine import Engine, build_engine, export_stage_hf, load_engine, save_engine
-from carft_mega.trainer.evaluate import evaluate
-from carft_mega.trainer.metrics import StageTimer
 from carft_mega.trainer.context import Run, TrainingStopped, build_initial_policy, sft_total_steps
+from carft_mega.trainer.engine import Engine, build_engine, finish_stage, load_engine, save_engine
+from carft_mega.trainer.metrics import StageTimer
+from carft_mega.trainer.stop import RunStopped
 
 SFT_DATA_SALT = 0
 
@@ -55,12 +56,17 @@ def sft_step(run: Run, engine: Engine) -> dict[str, float]:
     return metrics
 
 
-def run_sft(run: Run, resume: CheckpointRef | None) -> CheckpointRef:
-    """Train (or finish training) the SFT stage; returns its final checkpoint."""
+def run_sft(run: Run, resume: CheckpointRef | None, plan=None) -> CheckpointRef:
+    """Train (or finish training) the SFT stage; returns its final checkpoint.
+
+    Raises:
+        RunStopped: after saving a checkpoint on a stop signal (``trainer/stop.py``).
+    """
     cfg = run.cfg
     total = sft_total_steps(cfg, len(run.train))
     if resume is not None and resume.step >= total:
         run.print(f"SFT already complete ({resume.path})")
+        _finish(run, resume, None)
         return resume
     policy = build_initial_policy(run)
     engine = build_engine(policy, cfg.optim, peak_lr=cfg.sft.lr, schedule=cfg.sft.schedule,
@@ -83,19 +89,33 @@ def run_sft(run: Run, resume: CheckpointRef | None) -> CheckpointRef:
         if engine.nonfinite_streak >= cfg.sft.max_nonfinite_steps:
             raise TrainingStopped(f"SFT stopped: {engine.nonfinite_streak} consecutive steps with a non-finite "
                                   f"loss or gradient (sft.max_nonfinite_steps)")
-        if cfg.checkpoint.save_every and engine.step % cfg.checkpoint.save_every == 0 and engine.step < total:
-            save_sft(run, engine)
+        signum, timed = run.stop.poll(run.device)  # one all-reduce per step: every rank stops at this step
+        if plan is not None:
+            plan.observe(run, "sft", engine.step, metrics.get("time/step"))
+        periodic = cfg.checkpoint.save_every and engine.step % cfg.checkpoint.save_every == 0
+        if engine.step < total and (periodic or timed or signum):
+            ref = save_sft(run, engine)
+            if signum:
+                raise RunStopped(signum, "SFT", engine.step, total, ref.path)
     ref = save_sft(run, engine)
-    export_stage_hf(run, engine, "sft")
-    acc = evaluate(run, engine.policy, tag=f"sft_step{engine.step}")
+    _finish(run, ref, engine.policy)
+    signum, _ = run.stop.poll(run.device)  # a signal during the export or evaluation: RL starts next launch
+    if signum and cfg.ppo.enabled:
+        raise RunStopped(signum, "SFT", engine.step, total, ref.path)
+    return ref
+
+
+def _finish(run: Run, ref: CheckpointRef, policy) -> None:
+    """Export and evaluate the final SFT checkpoint (once: a resumed run reuses what was recorded)."""
+    acc = finish_stage(run, "sft", ref, policy, tag=f"sft_step{ref.step}")
     run.results["sft_accuracy"] = acc
     run.results["sft_checkpoint"] = ref.path
-    run.logger.log("sft", engine.step, {"eval/accuracy": acc}, advance=False)
     run.print(f"accuracy after SFT: {acc:.4f} on {len(run.test)} test problems")
-    return ref
 
 
 def save_sft(run: Run, engine: Engine) -> CheckpointRef:
     state = {"stage": "sft", "step": engine.step, "total_steps": engine.total_steps,
-             "nonfinite_streak": engine.nonfinite_streak}
-    return run.ckpts.save("sft", engine.step, lambda d: save_engine(engine, d, run.tokenizer_dir), state)
+             "nonfinite_streak": engine.nonfinite_streak, "config": to_dict(run.cfg)}
+    ref = run.ckpts.save("sft", engine.step, lambda d: save_engine(engine, d, run.tokenizer_dir), state)
+    run.stop.note_saved()
+    return ref

@@ -175,3 +175,13 @@ def test_trainer_checkpoint_exports_token_ids_and_dtype(tp1, tmp_path):
     convert_megatron_to_hf(ckpt, tmp_path / "out3")
     cfg = AutoConfig.from_pretrained(tmp_path / "out3")
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (5, 6, 7)
+
+
+def test_tp_that_does_not_divide_the_kv_heads_names_the_flag(tmp_path):
+    """SmolLM2-135M has 3 KV heads: --tp 2 is refused before any work, naming --tp (docs/conversion.md)."""
+    from tests.trainer.test_errors import smollm2_gguf
+
+    proc = run_tool("convert_hf_to_megatron.py", "--hf", smollm2_gguf(), "--out", str(tmp_path / "x"), "--tp", "2",
+                    expect_ok=False)
+    assert proc.returncode != 0 and "--tp 2: must divide the 3 KV heads" in proc.stderr and "[1, 3]" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()

@@ -56,7 +56,7 @@ def one_step(out_dir: str, overrides: list[str], keep=None) -> dict:
     cfg = load_config(None, TINY + [f"out_dir={out_dir}", *overrides])
     real = carft.score_rollouts
     carft.score_rollouts = lambda run, records, roll: fake_preds(records, roll)
-    run = setup_run(cfg)
+    run, _ = setup_run(cfg)  # (run, opening): a fresh out_dir is never finished
     try:
         policy = build_initial_policy(run)
         ref = frozen_copy(policy, cfg.model)

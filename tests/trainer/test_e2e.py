@@ -90,12 +90,24 @@ def test_reft_and_carft_differ_only_by_the_contrastive_term(tmp_path):
             return [json.loads(x)["generation"] for x in f]
     assert evals("reft") == evals("c0")
     assert reft["carft_accuracy"] == carft0["carft_accuracy"] and 0.0 <= carft["carft_accuracy"] <= 1.0
-    # checkpoint.export_hf: an HF model (and the CoT head under TRL's v_head names) per stage.
-    from transformers import AutoModelForCausalLM
+    # checkpoint.export_hf: an HF model (and the CoT head under TRL's v_head names) per stage, with
+    # the character tokenizer as an equivalent HF tokenizer; files follow the umask (not 0600).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from carft_mega.data.tokenizers import CharTokenizer
+    mask = os.umask(0)
+    os.umask(mask)
+    text = "Question: Tom has 3 apples.\nTherefore, the answer is: 7"
     for stage in ("sft", "carft"):
         d = tmp_path / "c1" / "hf" / stage
-        assert AutoModelForCausalLM.from_pretrained(str(d)).config.num_hidden_layers == 2
+        model = AutoModelForCausalLM.from_pretrained(str(d))
+        assert model.config.num_hidden_layers == 2 and model.config.eos_token_id == CharTokenizer.EOS
         assert (d / "v_head.safetensors").exists()
+        tok = AutoTokenizer.from_pretrained(str(d))
+        assert tok.encode(text, add_special_tokens=False) == CharTokenizer().encode(text)
+        assert tok.decode(CharTokenizer().encode(text)) == text and tok.eos_token_id == CharTokenizer.EOS
+        for f in os.listdir(d):
+            assert os.stat(d / f).st_mode & 0o777 == 0o666 & ~mask, f
 
 
 @pytest.mark.slow

