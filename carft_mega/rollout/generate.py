@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from carft_mega.rollout.kv_cache import KVCache, swap_remove_plan
 from carft_mega.rollout.sampling import select_next
 
 
@@ -85,6 +86,8 @@ def generate(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     layout: str = "auto",
+    compact: bool = True,
+    prefill_call_cost: int | None = None,
 ) -> RolloutBatch:
     """Generate up to ``max_new_tokens`` per row, stopping a row at EOS.
 
@@ -98,6 +101,10 @@ def generate(
         temperature, top_k, top_p: sampling parameters, all explicit.
         generator: sampling RNG (same seed on all TP ranks).
         layout: ``auto`` | ``left`` | ``aligned`` (see module docstring).
+        compact: drop finished rows from the decode batch and its KV cache (the tokens do not
+            change: see :class:`_Selector`); False decodes every row until the last one ends.
+        prefill_call_cost: ``left`` layout: the cost of one more prefill forward in padded
+            tokens, for :func:`plan_prefill_buckets` (None: :func:`default_prefill_call_cost`).
 
     Returns:
         :class:`RolloutBatch`.
@@ -110,6 +117,8 @@ def generate(
         return RolloutBatch(empty, prompt_lens, prompt_lens.clone(), prompt_lens.bool(), empty.float())
     if int(prompt_lens.min()) < 1:
         raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if layout == "auto":
         layout = "aligned" if _uses_te_attention(policy) else "left"
     if layout not in ("left", "aligned"):
@@ -118,12 +127,52 @@ def generate(
     policy.eval()
     try:
         run = _generate_left if layout == "left" else _generate_aligned
+        if prefill_call_cost is None:
+            prefill_call_cost = default_prefill_call_cost(prompts.device)
         gen, gen_logp, gen_lens = run(policy, prompts, prompt_lens, max_new_tokens, eos_id, pad_id,
                                       dict(greedy=greedy, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, generator=generator))
+                                           top_p=top_p, generator=generator),
+                                      dict(compact=compact, prefill_call_cost=prefill_call_cost))
     finally:
         policy.train(was_training)
     return _to_rollout_batch(prompts, prompt_lens, gen, gen_logp, gen_lens, eos_id, pad_id)
+
+
+def default_prefill_call_cost(device: torch.device) -> int:
+    """What one extra prefill forward costs, in padded prompt tokens (a heuristic, see
+    :func:`plan_prefill_buckets`): on a CPU a forward's fixed cost is reading the weights once
+    (SmolLM2-135M, fp32, 2 cores: about the compute of 32 tokens); on a GPU it is ~15 kernel
+    launches per layer, worth thousands of tokens of compute."""
+    return 2048 if device.type == "cuda" else 32
+
+
+def plan_prefill_buckets(lengths: list[int], call_cost: int) -> list[list[int]]:
+    """Group prompts by length so the prefill computes few padding tokens.
+
+    Rows sorted by length are cut into contiguous groups minimising
+    ``sum over groups (rows x longest prompt of the group + call_cost)`` (an exact O(B^2)
+    dynamic programme). ``call_cost = 0`` gives one group per distinct length; a huge one gives
+    a single group (one padded prefill).
+
+    Returns:
+        groups of row indices, shortest prompts first, rows within a group in index order.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    L = [lengths[i] for i in order]
+    n = len(L)
+    best = [0.0] + [float("inf")] * n
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):  # groups covering the j shortest rows; the last group is [i, j)
+        longest = L[j - 1]
+        for i in range(j):
+            c = best[i] + (j - i) * longest + call_cost
+            if c < best[j]:
+                best[j], cut[j] = c, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(sorted(order[cut[j]:j]))
+        j = cut[j]
+    return groups[::-1]
 
 
 def _next_logits(policy, hidden: torch.Tensor) -> torch.Tensor:
@@ -132,90 +181,181 @@ def _next_logits(policy, hidden: torch.Tensor) -> torch.Tensor:
     return logits[:, : policy.vocab_size].float()
 
 
-def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample_kw):
+class _Selector:
+    """``select_next`` on the live rows, with sampled tokens independent of which rows are live.
+
+    Greedy picks depend on a row's logits only, so they run on the live rows. Sampling draws
+    from one generator for the whole batch at once (``torch.multinomial`` takes ``B x V``
+    exponential draws per call), so a row's draw depends on its index in the batch: the live
+    rows' logits are scattered back to their original rows of a full ``(B, V)`` buffer
+    (finished rows keep stale, finite logits) and the full batch is sampled every step, as if
+    nothing had been dropped. The tokens therefore equal those of the uncompacted loop for the
+    same generator (and the same on every TP rank, which shares the seed); the price is
+    sampling ``B`` rows per step however few are live.
+    """
+
+    def __init__(self, batch: int, vocab: int, device: torch.device, sample_kw: dict):
+        self.kw = sample_kw
+        self.full = None if sample_kw["greedy"] else torch.zeros((batch, vocab), dtype=torch.float32,
+                                                                  device=device)
+
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits (n, V)`` of the batch rows ``rows (n,)`` -> their ``(tokens, logp)``, each ``(n,)``."""
+        if self.full is None:
+            return select_next(logits, **self.kw)
+        self.full.index_copy_(0, rows, logits)
+        tok, lp = select_next(self.full, **self.kw)
+        return tok[rows], lp[rows]
+
+
+def _compact(n: int, finished: list[int], cache: KVCache, upto: int, per_row: list[torch.Tensor]) -> int:
+    """Drop the batch positions ``finished`` (host list) from the cache and every ``per_row`` tensor
+    (first dim = batch position, updated in place) by swap-remove; returns the new live count."""
+    new_n, holes, sources = swap_remove_plan(n, finished)
+    cache.drop(holes, sources, new_n, upto)
+    if holes:
+        dev = per_row[0].device
+        h = torch.tensor(holes, dtype=torch.long, device=dev)
+        s = torch.tensor(sources, dtype=torch.long, device=dev)
+        for t in per_row:
+            t[h] = t[s]
+    return new_n
+
+
+def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample_kw, opts):
     from carft_mega.models.policy import build_attention_mask
-    from megatron.core.inference.contexts import StaticInferenceContext
 
     B, P = prompts.shape
     device = prompts.device
-    max_len = P + max_new
     window = policy.arch.sliding_window
-    ctx = StaticInferenceContext(B, max_len)
-    pad = P - prompt_lens  # (B,) left padding per row
-    slots = torch.arange(max_len, device=device)[None]  # (1, max_len)
-    rotary_pos = (slots - pad[:, None]).clamp(min=0)  # (B, max_len): positions start at 0 per row
-    real = slots >= pad[:, None]  # (B, max_len): every slot after the padding holds a real token
+    max_len = P + max_new - 1  # cache slots: the last generated token is never fed back
+    table = policy.rotary_table(max_len)  # (max_len, d): every angle of this generation, once
+    slots = torch.arange(max_len, device=device)
+    cache = KVCache(policy, B, max_len)
+    select = _Selector(B, policy.vocab_size, device, sample_kw)
 
-    mask = build_attention_mask(real[:, :P], sliding_window=window)  # (B, 1, P, P)
-    hidden = policy.trunk(prompts, attention_mask=mask, inference_context=ctx, rotary_position_ids=rotary_pos)
-    ctx.increment_sequence_len_offset(P)
-    logits = _next_logits(policy, hidden)
+    # Prefill by length buckets. Cache position p holds row row_ids[p]; every row's prompt ends
+    # at slot P - 1, as in one left-padded block.
+    lens_host = prompt_lens.tolist()
+    groups = plan_prefill_buckets(lens_host, opts["prefill_call_cost"])
+    row_ids = torch.tensor([r for g in groups for r in g], dtype=torch.long, device=device)
+    pad = (P - prompt_lens)[row_ids]  # (B,) left padding, cache order
+    logits = torch.empty((B, policy.vocab_size), dtype=torch.float32, device=device)
+    with cache.attached():
+        start = 0
+        for g in groups:
+            Pg = max(lens_host[r] for r in g)
+            rows = slice(start, start + len(g))
+            real = slots[None, P - Pg:P] >= pad[rows, None]  # (n_g, Pg)
+            pos = (slots[None, P - Pg:P] - pad[rows, None]).clamp(min=0)  # positions from 0 per row
+            cache.prefill(rows, P - Pg)
+            hidden = policy.trunk(prompts[row_ids[rows], P - Pg:],
+                                  attention_mask=build_attention_mask(real, sliding_window=window),
+                                  rotary_pos_emb=policy.rotary_for_positions(pos, Pg, table))
+            logits[rows] = _next_logits(policy, hidden)
+            start += len(g)
 
-    gen = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)
-    gen_logp = torch.zeros((B, max_new), dtype=torch.float32, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    gen_lens = torch.zeros(B, dtype=torch.long, device=device)
-    for step in range(max_new):
-        tok, lp = select_next(logits, **sample_kw)
-        gen[:, step] = torch.where(done, pad_id, tok)
-        gen_logp[:, step] = torch.where(done, 0.0, lp)
-        gen_lens += (~done).long()
-        done |= tok == eos_id
-        if step == max_new - 1 or bool(done.all()):
-            break
-        cur = P + step + 1
-        ctx.enable_decode_mode()
-        mask = build_attention_mask(real[:, :cur], q_len=1, sliding_window=window)  # (B, 1, 1, cur)
-        hidden = policy.trunk(gen[:, step:step + 1], attention_mask=mask, inference_context=ctx,
-                              rotary_position_ids=rotary_pos)
-        ctx.increment_sequence_len_offset(1)
-        logits = _next_logits(policy, hidden)
+        gen = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)
+        gen_logp = torch.zeros((B, max_new), dtype=torch.float32, device=device)
+        gen_lens = torch.zeros(B, dtype=torch.long, device=device)
+        alive = torch.ones(B, dtype=torch.bool, device=device)  # all True while compacting
+        n = B
+        for step in range(max_new):
+            rid = row_ids[:n]
+            tok, lp = select(logits[:n], rid)
+            live = alive[:n]
+            gen[rid, step] = torch.where(live, tok, pad_id)
+            gen_logp[rid, step] = torch.where(live, lp, 0.0)
+            gen_lens[rid] += live.long()
+            if step == max_new - 1:
+                break
+            fin = (tok == eos_id) & live
+            finished = [i for i, f in enumerate(fin.tolist()) if f]  # the step's one host sync
+            if finished:
+                if opts["compact"]:
+                    n = _compact(n, finished, cache, P + step, [row_ids, pad, tok])
+                    if n == 0:
+                        break
+                else:
+                    alive[torch.tensor(finished, device=device)] = False
+                    if not bool(alive.any()):
+                        break
+            slot = P + step  # where the token just chosen is cached
+            pos = slot - pad[:n]  # (n,)
+            key_valid = slots[None, :slot + 1] >= pad[:n, None]  # (n, slot + 1): not left padding
+            if window is not None:
+                key_valid = key_valid & (slots[None, :slot + 1] > slot - window)
+            cache.decode(slot, slot + 1, key_valid)
+            hidden = policy.trunk(tok[:n, None], rotary_pos_emb=table[pos][None, :, None])
+            logits[:n] = _next_logits(policy, hidden)
     return gen, gen_logp, gen_lens
 
 
-def _generate_aligned(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample_kw):
-    from megatron.core.inference.contexts import StaticInferenceContext
-
+def _generate_aligned(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample_kw, opts):
     B, P = prompts.shape
     device = prompts.device
+    window = policy.arch.sliding_window
     # Left-align the prompts: row b holds its prompt at [0, len_b).
     pad = P - prompt_lens
     cols = torch.arange(P, device=device)[None]
     src = (cols + pad[:, None]).clamp(max=P - 1)
     aligned = torch.where(cols < prompt_lens[:, None], prompts.gather(1, src), pad_id)  # (B, P)
-    max_len = P + max_new
-    buf = torch.full((B, max_len), pad_id, dtype=torch.long, device=device)
+    total = P + max_new
+    buf = torch.full((B, total), pad_id, dtype=torch.long, device=device)
     buf[:, :P] = aligned
-    logp_buf = torch.zeros((B, max_len), dtype=torch.float32, device=device)
-    ctx = StaticInferenceContext(B, max_len)
+    logp_buf = torch.zeros((B, total), dtype=torch.float32, device=device)
+    max_len = total - 1  # cache slots
+    table = policy.rotary_table(max_len)
+    slots = torch.arange(max_len, device=device)
+    cache = KVCache(policy, B, max_len)
+    select = _Selector(B, policy.vocab_size, device, sample_kw)
     start = int(prompt_lens.min())
-    stop_at = prompt_lens + max_new  # (B,) exclusive end of each row's generation
-    hidden = policy.trunk(buf[:, :start], inference_context=ctx)
-    ctx.increment_sequence_len_offset(start)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     gen_lens = torch.zeros(B, dtype=torch.long, device=device)
-    pos = start
-    while True:
-        logits = _next_logits(policy, hidden)
-        tok, lp = select_next(logits, **sample_kw)
-        in_prompt = pos < prompt_lens
-        generating = ~in_prompt & ~done & (pos < stop_at)
-        buf[:, pos] = torch.where(in_prompt, buf[:, pos], torch.where(generating, tok, pad_id))
-        logp_buf[:, pos] = torch.where(generating, lp, 0.0)
-        gen_lens += generating.long()
-        done |= generating & (tok == eos_id)
-        done |= pos + 1 >= stop_at
-        pos += 1
-        if bool(done.all()) or pos >= max_len:
-            break
-        ctx.enable_decode_mode()
-        hidden = policy.trunk(buf[:, pos - 1:pos], inference_context=ctx)
-        ctx.increment_sequence_len_offset(1)
-    # Re-express as (B, max_new) generations.
-    idx = (prompt_lens[:, None] + torch.arange(max_new, device=device)[None]).clamp(max=max_len - 1)
-    valid = prompt_lens[:, None] + torch.arange(max_new, device=device)[None] < pos
-    gen = torch.where(valid, buf.gather(1, idx), pad_id)
-    gen_logp = torch.where(valid, logp_buf.gather(1, idx), 0.0)
+    # Per batch position (cache order; rows leave by swap-remove).
+    row_ids = torch.arange(B, device=device)
+    lens = prompt_lens.clone()
+    stop_at = prompt_lens + max_new  # exclusive end of each row's generation
+    alive = torch.ones(B, dtype=torch.bool, device=device)
+    logits = torch.empty((B, policy.vocab_size), dtype=torch.float32, device=device)
+    n = B
+    with cache.attached():
+        cache.prefill(slice(0, B), 0)
+        logits[:] = _next_logits(policy, policy.trunk(buf[:, :start], rotary_pos_emb=table[:start, None, None]))
+        pos = start
+        while True:
+            rid = row_ids[:n]
+            tok, lp = select(logits[:n], rid)
+            in_prompt = pos < lens[:n]
+            generating = ~in_prompt & alive[:n] & (pos < stop_at[:n])
+            fed = torch.where(in_prompt, buf[rid, pos], torch.where(generating, tok, pad_id))
+            buf[rid, pos] = fed
+            logp_buf[rid, pos] = torch.where(generating, lp, 0.0)
+            gen_lens[rid] += generating.long()
+            fin = generating & ((tok == eos_id) | (pos + 1 >= stop_at[:n]))
+            pos += 1
+            if pos >= total:
+                break
+            finished = [i for i, f in enumerate(fin.tolist()) if f]  # the step's one host sync
+            if finished:
+                if opts["compact"]:
+                    n = _compact(n, finished, cache, pos - 1, [row_ids, lens, stop_at, fed])
+                    if n == 0:
+                        break
+                else:
+                    alive[torch.tensor(finished, device=device)] = False
+                    if not bool(alive.any()):
+                        break
+            slot = pos - 1  # every row feeds the token at slot pos - 1 (no padding: positions = slots)
+            key_valid = None
+            if window is not None:
+                key_valid = (slots[None, :slot + 1] > slot - window).expand(n, -1)
+            cache.decode(slot, slot + 1, key_valid)
+            hidden = policy.trunk(fed[:n, None], rotary_pos_emb=table[slot:slot + 1, None, None])
+            logits[:n] = _next_logits(policy, hidden)
+    # Re-express as (B, max_new) generations (never-written cells hold pad / 0).
+    idx = prompt_lens[:, None] + torch.arange(max_new, device=device)[None]
+    gen = buf.gather(1, idx)
+    gen_logp = logp_buf.gather(1, idx)
     return gen, gen_logp, gen_lens
 
 

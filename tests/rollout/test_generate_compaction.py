@@ -1,0 +1,236 @@
+"""The rollout's fast paths leave the tokens unchanged.
+
+* Greedy tokens equal a naive full-recompute loop (no KV cache, each row alone) for prompts of
+  very different lengths whose rows end at different steps, so finished rows are dropped from the
+  batch and its cache mid-generation; at B = 1 and odd B, both layouts, with and without
+  compaction, and for every prefill bucketing.
+* Sampled tokens with compaction equal those without, for the same generator, and equal the
+  prefix (up to EOS) of a run in which no row ever stops.
+* The KV-cache pieces against independent references: decode attention against a plain
+  repeated-heads softmax attention, the bucket planner against brute force, swap-remove.
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from carft_mega import parallel
+from carft_mega.config import ModelConfig, ParallelConfig, TinyModelConfig
+from carft_mega.rollout.generate import generate, plan_prefill_buckets
+from carft_mega.rollout.kv_cache import KVCache, decode_attention, swap_remove_plan
+
+VOCAB, PAD = 50, 0
+NEVER = VOCAB + 7  # an EOS id the model cannot emit
+
+
+@pytest.fixture(scope="module")
+def policy():
+    parallel.init_distributed(ParallelConfig(tp=1), seed=0)
+    from carft_mega.models.build import build_policy
+    cfg = ModelConfig(source="tiny", tiny=TinyModelConfig(hidden_size=32, num_layers=2, num_heads=4,
+                                                          num_kv_heads=2, ffn_hidden_size=64))
+    p = build_policy(cfg, vocab_size=VOCAB).eval()
+    # HF's init (std 0.02, tied embeddings) makes greedy decoding copy the last token forever;
+    # larger random matrices give varied continuations, so rows end at different steps.
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for w in p.gpt.parameters():
+            if w.dim() == 2:
+                w.copy_(torch.randn(w.shape, generator=g) * 2.0 / w.shape[1] ** 0.5)
+    yield p
+    parallel.destroy()
+
+
+def left_pad(rows):
+    P = max(len(r) for r in rows)
+    toks = torch.full((len(rows), P), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        toks[i, P - len(r):] = torch.tensor(r)
+    return toks, torch.tensor([len(r) for r in rows])
+
+
+@torch.no_grad()
+def naive_greedy(policy, row, max_new):
+    """No cache, no padding, no EOS: rerun the whole sequence each step (plain causal forward)."""
+    seq, out = list(row), []
+    for _ in range(max_new):
+        hidden = policy.trunk(torch.tensor([seq]))
+        nxt = int(policy.lm_logits(hidden[-1:], gather=True)[0, 0, :VOCAB].argmax())
+        out.append(nxt)
+        seq.append(nxt)
+    return out
+
+
+def cut_at(seq, eos):
+    return seq[:seq.index(eos) + 1] if eos in seq else seq
+
+
+def pick_eos(streams, max_new):
+    """The token whose first occurrences end the most rows at distinct steps (some rows never)."""
+    def score(t):
+        ends = [s.index(t) for s in streams if t in s[:max_new - 1]]
+        return (len(set(ends)), -len(ends)) if len(ends) < len(streams) else (-1, 0)
+    return max(range(2, VOCAB), key=score)
+
+
+def prompts_of_lengths(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+CASES = [[1], [5, 40, 1, 17, 3], [12, 2, 33, 7, 1, 26, 9]]  # B = 1 and odd B, very different lengths
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def greedy_refs(policy):
+    out = []
+    for k, lengths in enumerate(CASES):
+        rows = prompts_of_lengths(lengths, seed=10 + k)
+        streams = [naive_greedy(policy, r, MAX_NEW) for r in rows]
+        eos = pick_eos(streams, MAX_NEW)
+        out.append((rows, eos, [cut_at(s, eos) for s in streams]))
+    return out
+
+
+def test_reference_rows_end_at_different_steps(greedy_refs):
+    """The cases exercise compaction: rows end early at several distinct steps, others run on."""
+    for rows, eos, refs in greedy_refs[1:]:
+        ends = [len(r) for r in refs if r[-1] == eos and len(r) < MAX_NEW]
+        assert len(set(ends)) >= 2, (eos, [len(r) for r in refs])
+        assert any(len(r) == MAX_NEW for r in refs)
+
+
+@pytest.mark.parametrize("layout", ["left", "aligned"])
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_greedy_equals_naive_full_recompute(policy, greedy_refs, layout, compact, case):
+    rows, eos, refs = greedy_refs[case]
+    toks, lens = left_pad(rows)
+    out = generate(policy, toks, lens, max_new_tokens=MAX_NEW, eos_id=eos, pad_id=PAD, greedy=True,
+                   layout=layout, compact=compact)
+    assert out.generations() == refs
+    for i, r in enumerate(rows):
+        assert out.tokens[i, :len(r)].tolist() == r
+        assert (out.tokens[i, len(r) + len(refs[i]):] == PAD).all()
+        assert bool(out.finished[i]) == (refs[i][-1] == eos)
+
+
+@pytest.mark.parametrize("cost", [0, 8, 10**9])
+def test_greedy_same_for_every_prefill_bucketing(policy, greedy_refs, cost):
+    rows, eos, refs = greedy_refs[2]
+    toks, lens = left_pad(rows)
+    out = generate(policy, toks, lens, max_new_tokens=MAX_NEW, eos_id=eos, pad_id=PAD, greedy=True,
+                   layout="left", prefill_call_cost=cost)
+    assert out.generations() == refs
+
+
+@pytest.mark.parametrize("layout", ["left", "aligned"])
+@pytest.mark.parametrize("lengths", [[4], [9, 1, 30, 5, 14], [3, 21, 8, 1, 12, 6, 27, 2, 16]])
+def test_sampling_unchanged_by_compaction(policy, layout, lengths):
+    rows = prompts_of_lengths(lengths, seed=len(lengths))
+    toks, lens = left_pad(rows)
+    kw = dict(max_new_tokens=MAX_NEW, pad_id=PAD, temperature=1.0, layout=layout)
+    # No row ever stops: the raw sample streams. Then stop at a token that ends rows at various steps.
+    free = generate(policy, toks, lens, eos_id=NEVER, generator=torch.Generator().manual_seed(5), **kw)
+    streams = free.generations()
+    eos = pick_eos(streams, MAX_NEW)
+    a = generate(policy, toks, lens, eos_id=eos, generator=torch.Generator().manual_seed(5), compact=True, **kw)
+    b = generate(policy, toks, lens, eos_id=eos, generator=torch.Generator().manual_seed(5), compact=False, **kw)
+    assert a.generations() == b.generations() == [cut_at(s, eos) for s in streams]
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.gen_lens, b.gen_lens)
+    torch.testing.assert_close(a.sample_logp, b.sample_logp, atol=1e-5, rtol=1e-5)
+    if len(rows) > 1:
+        ends = {len(g) for g in a.generations() if g[-1] == eos}
+        assert len(ends) >= 2 and any(len(g) == MAX_NEW for g in a.generations())
+
+
+def test_model_is_untouched_after_generate(policy):
+    """The cache's core-attention hooks are removed, also when generation fails."""
+    cores = [layer.self_attention.core_attention for layer in policy.gpt.decoder.layers]
+    toks, lens = left_pad([[3, 4, 5], [6]])
+    generate(policy, toks, lens, max_new_tokens=3, eos_id=NEVER, pad_id=PAD, greedy=True)
+    assert all("forward" not in c.__dict__ for c in cores)
+    cache = KVCache(policy, 2, 8)
+    with pytest.raises(RuntimeError, match="outside prefill/decode"):
+        with cache.attached():
+            policy.trunk(toks)
+    assert all("forward" not in c.__dict__ for c in cores)
+
+
+# ------------------------------------------------------------------------------------ pieces
+def attention_ref(q, k, v, valid, scale):
+    """Plain attention with the key/value heads repeated for their query groups (fp64)."""
+    n, G, S, D = k.shape
+    H = q.shape[2]
+    kk = k.double().repeat_interleave(H // G, dim=1)  # (n, H, S, D)
+    vv = v.double().repeat_interleave(H // G, dim=1)
+    qq = q[0].double()  # (n, H, D)
+    out = torch.empty(n, H, D, dtype=torch.float64)
+    for b in range(n):
+        for h in range(H):
+            s = (kk[b, h] @ qq[b, h]) * scale  # (S,)
+            if valid is not None:
+                s = s.masked_fill(~valid[b], float("-inf"))
+            out[b, h] = torch.softmax(s, 0) @ vv[b, h]
+    return out.reshape(1, n, H * D)
+
+
+@pytest.mark.parametrize("n,H,G,S,D", [(3, 4, 2, 7, 8), (1, 9, 3, 1, 64), (5, 6, 6, 13, 4)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decode_attention_matches_reference(n, H, G, S, D, masked):
+    g = torch.Generator().manual_seed(n * 100 + S)
+    q = torch.randn(1, n, H, D, generator=g)
+    buf = torch.randn(2, n + 2, G, S + 3, D, generator=g)  # strided views, as in the cache
+    k, v = buf[0, :n, :, :S], buf[1, :n, :, :S]
+    valid = None
+    if masked:
+        valid = torch.rand(n, S, generator=g) > 0.4
+        valid[:, -1] = True  # the query's own slot
+    got = decode_attention(q, k, v, valid, scale=D ** -0.5)
+    want = attention_ref(q, k, v, valid, D ** -0.5)
+    assert (got.double() - want).abs().max() <= 1e-5
+
+
+def test_swap_remove_plan():
+    assert swap_remove_plan(5, []) == (5, [], [])
+    assert swap_remove_plan(5, [4]) == (4, [], [])
+    assert swap_remove_plan(5, [0]) == (4, [0], [4])
+    assert swap_remove_plan(6, [1, 4]) == (4, [1], [5])
+    assert swap_remove_plan(3, [0, 1, 2]) == (0, [], [])
+    for n in range(1, 7):
+        for k in range(n + 1):
+            for dead in itertools.combinations(range(n), k):
+                new_n, holes, sources = swap_remove_plan(n, list(dead))
+                rows = list(range(n))
+                for h, s in zip(holes, sources):
+                    rows[h] = rows[s]
+                assert sorted(rows[:new_n]) == sorted(set(range(n)) - set(dead))
+
+
+def brute_force_cost(lengths, cost):
+    """Cheapest partition of the sorted rows into contiguous groups, by enumeration."""
+    L = sorted(lengths)
+    best = float("inf")
+    for cuts in itertools.product([False, True], repeat=len(L) - 1):
+        total, start = 0, 0
+        for i, c in enumerate(list(cuts) + [True]):
+            if c:
+                total += (i + 1 - start) * L[i] + cost
+                start = i + 1
+        best = min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 3, 3], [1, 40, 2, 39, 20], [7, 1, 9, 30, 31, 2, 15, 16]])
+@pytest.mark.parametrize("cost", [0, 5, 32, 10**6])
+def test_prefill_buckets_are_optimal(lengths, cost):
+    groups = plan_prefill_buckets(lengths, cost)
+    assert sorted(r for g in groups for r in g) == list(range(len(lengths)))
+    total = sum(len(g) * max(lengths[r] for r in g) + cost for g in groups)
+    assert total == brute_force_cost(lengths, cost)
+    if cost >= 10**6:
+        assert len(groups) == 1
+    if cost == 0:
+        assert len(groups) == len(set(lengths))
