@@ -13,7 +13,9 @@ batch-major (``[b, s]``). The one place where the layout changes is :func:`megat
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,14 @@ class PolicyOutput:
     """``[K, B]`` bool, False where the span mask was empty (then ``z`` is 0)."""
     entropy: torch.Tensor | None
     """``[B, T]`` fp32 entropy of the next-token distribution, None if not asked for."""
+
+
+def _without_cpu_shim_mode():
+    """The CPU shim's device-remapping mode off for a forward (``_cpu_shim.suspended``): it costs
+    a Python call per torch call and the forward needs none of its rewrites. A no-op on a GPU
+    box, where the shim is never imported."""
+    shim = sys.modules.get("carft_mega._cpu_shim")
+    return shim.suspended() if shim is not None else contextlib.nullcontext()
 
 
 def megatron_to_batch_major(x: torch.Tensor) -> torch.Tensor:
@@ -256,18 +266,19 @@ class PolicyModel(torch.nn.Module):
             parallelism).
         """
         gpt = self.gpt
-        hidden = gpt.embedding(input_ids=tokens, position_ids=None)  # (S, B, H), SP-scattered if SP
-        if rotary_pos_emb is not None:
-            rotary = rotary_pos_emb
-        elif inference_context is not None:
-            if rotary_position_ids is None:
-                rotary = self.rotary_for_positions(None, inference_context.max_sequence_length)
+        with _without_cpu_shim_mode():
+            hidden = gpt.embedding(input_ids=tokens, position_ids=None)  # (S, B, H), SP-scattered if SP
+            if rotary_pos_emb is not None:
+                rotary = rotary_pos_emb
+            elif inference_context is not None:
+                if rotary_position_ids is None:
+                    rotary = self.rotary_for_positions(None, inference_context.max_sequence_length)
+                else:
+                    rotary = self.rotary_for_positions(rotary_position_ids, rotary_position_ids.shape[1])
             else:
-                rotary = self.rotary_for_positions(rotary_position_ids, rotary_position_ids.shape[1])
-        else:
-            rotary = self.rotary_for_positions(position_ids, tokens.shape[1])
-        return gpt.decoder(hidden_states=hidden, attention_mask=attention_mask,
-                           inference_context=inference_context, rotary_pos_emb=rotary)
+                rotary = self.rotary_for_positions(position_ids, tokens.shape[1])
+            return gpt.decoder(hidden_states=hidden, attention_mask=attention_mask,
+                               inference_context=inference_context, rotary_pos_emb=rotary)
 
     def lm_logits(self, hidden: torch.Tensor, gather: bool = False) -> torch.Tensor:
         """Output layer on trunk output.
@@ -282,7 +293,8 @@ class PolicyModel(torch.nn.Module):
         """
         gpt = self.gpt
         weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-        logits, _ = gpt.output_layer(hidden, weight=weight, runtime_gather_output=gather)
+        with _without_cpu_shim_mode():
+            logits, _ = gpt.output_layer(hidden, weight=weight, runtime_gather_output=gather)
         return logits
 
     def _gather_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
