@@ -2,22 +2,34 @@
 
 Prompts arrive left-padded (``data.collate_prompts``). Two decoding layouts:
 
-* ``left`` (default with the local attention spec): prefill the left-padded block once with a
-  causal + padding mask, then decode one token per step; each row's rotary positions start at 0
-  on its first real token, so a padded row computes exactly what it would alone.
+* ``left`` (default with the local attention spec): prefill with a causal + padding mask, then
+  decode one token per step; each row's rotary positions start at 0 on its first real token,
+  so a padded row computes exactly what it would alone. The prefill runs in length buckets
+  (:func:`plan_prefill_buckets`) so that short prompts are not padded to the longest one; every
+  row's prompt still ends at the same cache slot.
 * ``aligned`` (used with Transformer Engine attention, which ignores an explicit padding mask
   under a causal mask type): prompts are left-aligned, the prefill covers the shortest prompt,
   and longer prompts are fed token by token in place of samples until they end (Megatron's own
-  static-batch scheme). No attention mask is ever needed.
+  static-batch scheme). No attention mask is needed in the prefill.
 
-Both give the same tokens (tests/rollout/test_generate.py checks greedy equality). Tensor-parallel
-ranks gather the vocabulary for sampling and use the same generator seed, so they pick the same
-tokens. The result is converted to left-aligned rows (prompt, generation, padding): the layout of
-every training forward, which then needs no attention mask.
+Decoding (both layouts) uses :mod:`carft_mega.rollout.kv_cache`: keys are cached after RoPE,
+the RoPE table is built once per generation and indexed per step, and rows that emitted EOS
+leave the batch and its cache (swap-remove), so late steps cost what their live rows cost.
+One host sync per step (which rows finished). Optionally, on a GPU, the decode step is
+replayed from a CUDA graph (``decode="cuda_graph"``).
+
+The tokens do not depend on any of this: greedy picks depend on a row's own logits, and
+sampling always draws for the full batch (:class:`_Selector`). tests/rollout checks greedy
+equality with a no-cache loop, both layouts, and sampled equality with and without compaction.
+Tensor-parallel ranks gather the vocabulary for sampling and use the same generator seed, so
+they pick the same tokens (and drop the same rows). The result is converted to left-aligned
+rows (prompt, generation, padding): the layout of every training forward, which then needs no
+attention mask.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +100,7 @@ def generate(
     layout: str = "auto",
     compact: bool = True,
     prefill_call_cost: int | None = None,
+    decode: str = "eager",
 ) -> RolloutBatch:
     """Generate up to ``max_new_tokens`` per row, stopping a row at EOS.
 
@@ -105,6 +118,11 @@ def generate(
             change: see :class:`_Selector`); False decodes every row until the last one ends.
         prefill_call_cost: ``left`` layout: the cost of one more prefill forward in padded
             tokens, for :func:`plan_prefill_buckets` (None: :func:`default_prefill_call_cost`).
+        decode: ``eager`` (attention over the filled slots); ``static``: the step a CUDA graph
+            replays, run eagerly (fixed shapes: attention over every cache slot, masked; rows
+            leave the batch only when the live ones are at most half of it); ``cuda_graph``:
+            ``static`` captured once per batch size and replayed (CUDA only; on a CPU it falls
+            back to ``eager`` with a warning). See :class:`_DecodeStep`.
 
     Returns:
         :class:`RolloutBatch`.
@@ -123,6 +141,11 @@ def generate(
         layout = "aligned" if _uses_te_attention(policy) else "left"
     if layout not in ("left", "aligned"):
         raise ValueError(f"layout must be auto, left or aligned, got {layout!r}")
+    if decode not in ("eager", "static", "cuda_graph"):
+        raise ValueError(f"decode must be eager, static or cuda_graph, got {decode!r}")
+    if decode == "cuda_graph" and prompts.device.type != "cuda":
+        warnings.warn("generate(decode='cuda_graph') needs CUDA tensors; decoding eagerly", stacklevel=2)
+        decode = "eager"
     was_training = policy.training
     policy.eval()
     try:
@@ -132,7 +155,7 @@ def generate(
         gen, gen_logp, gen_lens = run(policy, prompts, prompt_lens, max_new_tokens, eos_id, pad_id,
                                       dict(greedy=greedy, temperature=temperature, top_k=top_k,
                                            top_p=top_p, generator=generator),
-                                      dict(compact=compact, prefill_call_cost=prefill_call_cost))
+                                      dict(compact=compact, prefill_call_cost=prefill_call_cost, decode=decode))
     finally:
         policy.train(was_training)
     return _to_rollout_batch(prompts, prompt_lens, gen, gen_logp, gen_lens, eos_id, pad_id)
@@ -208,18 +231,145 @@ class _Selector:
         return tok[rows], lp[rows]
 
 
-def _compact(n: int, finished: list[int], cache: KVCache, upto: int, per_row: list[torch.Tensor]) -> int:
-    """Drop the batch positions ``finished`` (host list) from the cache and every ``per_row`` tensor
-    (first dim = batch position, updated in place) by swap-remove; returns the new live count."""
-    new_n, holes, sources = swap_remove_plan(n, finished)
-    cache.drop(holes, sources, new_n, upto)
-    if holes:
-        dev = per_row[0].device
-        h = torch.tensor(holes, dtype=torch.long, device=dev)
-        s = torch.tensor(sources, dtype=torch.long, device=dev)
-        for t in per_row:
-            t[h] = t[s]
-    return new_n
+class _DecodeStep:
+    """One decode step of the live rows ``[0, n)``: the fed tokens in, their next-token logits out.
+
+    Modes (``generate(decode=...)``):
+
+    * ``eager``: attention over the filled slots ``[0, slot]`` only.
+    * ``static``: the shapes stay fixed while ``n`` does: attention over every cache slot with
+      the not-yet-filled ones masked, the slot passed as a device tensor, inputs copied into
+      buffers owned by the step. What a CUDA graph replays, runnable (and tested) on a CPU.
+    * ``cuda_graph``: ``static`` captured with ``torch.cuda.graph`` the first time a batch size
+      is seen (after two warm-up runs on a side stream), then replayed; the graphs share one
+      memory pool. Needs a GPU to run (not verified on the CPU-only development machines).
+
+    Args:
+        policy, cache: the model and its attached :class:`KVCache`.
+        table: ``[max_len, d]`` RoPE angles (:meth:`PolicyModel.rotary_table`).
+        window: the sliding-attention window, or None.
+        mode: see above.
+    """
+
+    def __init__(self, policy, cache: KVCache, table: torch.Tensor, window: int | None, mode: str):
+        self.policy, self.cache, self.table, self.window, self.mode = policy, cache, table, window, mode
+        self.slots = torch.arange(cache.max_len, device=table.device)
+        self._static_n = -1
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    def should_compact(self, n: int, n_live: int) -> bool:
+        """Drop the finished rows now? (Eagerly: as soon as one finishes. With fixed shapes: when
+        at most half the batch is live, so a graph is captured at most log2(B) + 1 times.)"""
+        return n_live < n if self.mode == "eager" else 2 * n_live <= n
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor, base_valid: torch.Tensor | None,
+                 slot: int) -> torch.Tensor:
+        """Feed ``tok (n,)`` at cache slot ``slot``, rows at RoPE positions ``pos (n,)``.
+
+        Args:
+            base_valid: ``(n, max_len)`` bool, False on slots a row never attends to (its left
+                padding); None = every slot of every row is real.
+
+        Returns:
+            ``(n, V)`` fp32 logits (with CUDA graphs: a buffer overwritten by the next step).
+        """
+        if self.mode == "eager":
+            valid = None if base_valid is None else base_valid[:, :slot + 1]
+            if self.window is not None:
+                in_window = self.slots[None, :slot + 1] > slot - self.window
+                valid = in_window.expand(tok.shape[0], -1) if valid is None else valid & in_window
+            self.cache.decode(slot, slot + 1, valid)
+            return self._forward(tok, pos)
+        n = tok.shape[0]
+        if n != self._static_n:
+            dev = tok.device
+            self._tok = torch.empty(n, dtype=torch.long, device=dev)
+            self._pos = torch.empty(n, dtype=torch.long, device=dev)
+            self._valid = torch.ones((n, self.cache.max_len), dtype=torch.bool, device=dev)
+            self._slot = torch.zeros(1, dtype=torch.long, device=dev)
+            self._static_n = n
+        self._tok.copy_(tok)
+        self._pos.copy_(pos)
+        if base_valid is not None:
+            self._valid.copy_(base_valid)
+        self._slot.fill_(slot)
+        if self.mode == "static":
+            return self._static_body()
+        graph = self._graphs.get(n)
+        if graph is None:
+            graph = self._graphs[n] = self._capture()
+        graph.replay()
+        return self._out
+
+    def _forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        rot = self.table[pos][None, :, None]  # (1, n, 1, d): each row's angle, from the one table
+        return _next_logits(self.policy, self.policy.trunk(tok[:, None], rotary_pos_emb=rot))
+
+    def _static_body(self) -> torch.Tensor:
+        valid = self._valid & (self.slots[None] <= self._slot)
+        if self.window is not None:
+            valid = valid & (self.slots[None] > self._slot - self.window)
+        self.cache.decode(self._slot, self.cache.max_len, valid)
+        return self._forward(self._tok, self._pos)
+
+    def _capture(self) -> "torch.cuda.CUDAGraph":
+        # Warm-up on a side stream (allocator, cuBLAS workspaces), as torch.cuda.graphs asks; it
+        # writes the same cache slot the replay writes, with the same values.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._static_body()
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._out = self._static_body()
+        return graph
+
+
+class _Rows:
+    """Host-side view of the batch: which of the ``n`` batch positions are still generating."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.n = n
+        self.alive = [True] * n
+        self.alive_t = torch.ones(n, dtype=torch.bool, device=device)  # device copy, batch order
+
+    def finish(self, fin: torch.Tensor, step: _DecodeStep, compact: bool, cache: KVCache, upto: int,
+               per_row: list[torch.Tensor]) -> bool:
+        """Rows with ``fin (n,)`` True emitted their last token. Returns False when none is left.
+
+        The one host sync of a decode step is here (``fin.tolist()``). With ``compact``, finished
+        rows leave the batch when ``step.should_compact`` says so: swap-remove in the cache and in
+        every ``per_row`` tensor (first dim = batch position, updated in place); until then they
+        stay, marked dead, and their outputs are ignored.
+        """
+        newly = [i for i, f in enumerate(fin.tolist()) if f]
+        if not newly:
+            return True
+        for i in newly:
+            self.alive[i] = False
+        n_live = sum(self.alive)
+        if n_live == 0:
+            return False
+        if compact and step.should_compact(self.n, n_live):
+            new_n, holes, sources = swap_remove_plan(self.n, [i for i in range(self.n) if not self.alive[i]])
+            cache.drop(holes, sources, new_n, upto)
+            if holes:
+                dev = per_row[0].device
+                h = torch.tensor(holes, dtype=torch.long, device=dev)
+                src = torch.tensor(sources, dtype=torch.long, device=dev)
+                for t in per_row:
+                    t[h] = t[src]
+            self.n = new_n
+            self.alive = [True] * new_n
+            self.alive_t[:new_n] = True
+        else:
+            self.alive_t[torch.tensor(newly, dtype=torch.long, device=self.alive_t.device)] = False
+        return True
 
 
 def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample_kw, opts):
@@ -233,24 +383,25 @@ def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample
     slots = torch.arange(max_len, device=device)
     cache = KVCache(policy, B, max_len)
     select = _Selector(B, policy.vocab_size, device, sample_kw)
+    step_fn = _DecodeStep(policy, cache, table, window, opts["decode"])
 
-    # Prefill by length buckets. Cache position p holds row row_ids[p]; every row's prompt ends
+    # Prefill by length buckets. Batch position p holds row row_ids[p]; every row's prompt ends
     # at slot P - 1, as in one left-padded block.
     lens_host = prompt_lens.tolist()
     groups = plan_prefill_buckets(lens_host, opts["prefill_call_cost"])
     row_ids = torch.tensor([r for g in groups for r in g], dtype=torch.long, device=device)
-    pad = (P - prompt_lens)[row_ids]  # (B,) left padding, cache order
+    pad = (P - prompt_lens)[row_ids]  # (B,) left padding, batch order
+    real = slots[None] >= pad[:, None]  # (B, max_len): slots holding a real token (not padding)
     logits = torch.empty((B, policy.vocab_size), dtype=torch.float32, device=device)
     with cache.attached():
         start = 0
         for g in groups:
             Pg = max(lens_host[r] for r in g)
             rows = slice(start, start + len(g))
-            real = slots[None, P - Pg:P] >= pad[rows, None]  # (n_g, Pg)
             pos = (slots[None, P - Pg:P] - pad[rows, None]).clamp(min=0)  # positions from 0 per row
             cache.prefill(rows, P - Pg)
             hidden = policy.trunk(prompts[row_ids[rows], P - Pg:],
-                                  attention_mask=build_attention_mask(real, sliding_window=window),
+                                  attention_mask=build_attention_mask(real[rows, P - Pg:P], sliding_window=window),
                                   rotary_pos_emb=policy.rotary_for_positions(pos, Pg, table))
             logits[rows] = _next_logits(policy, hidden)
             start += len(g)
@@ -258,43 +409,29 @@ def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample
         gen = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)
         gen_logp = torch.zeros((B, max_new), dtype=torch.float32, device=device)
         gen_lens = torch.zeros(B, dtype=torch.long, device=device)
-        alive = torch.ones(B, dtype=torch.bool, device=device)  # all True while compacting
-        n = B
+        batch = _Rows(B, device)
         for step in range(max_new):
+            n = batch.n
             rid = row_ids[:n]
             tok, lp = select(logits[:n], rid)
-            live = alive[:n]
+            live = batch.alive_t[:n]
             gen[rid, step] = torch.where(live, tok, pad_id)
             gen_logp[rid, step] = torch.where(live, lp, 0.0)
             gen_lens[rid] += live.long()
             if step == max_new - 1:
                 break
-            fin = (tok == eos_id) & live
-            finished = [i for i, f in enumerate(fin.tolist()) if f]  # the step's one host sync
-            if finished:
-                if opts["compact"]:
-                    n = _compact(n, finished, cache, P + step, [row_ids, pad, tok])
-                    if n == 0:
-                        break
-                else:
-                    alive[torch.tensor(finished, device=device)] = False
-                    if not bool(alive.any()):
-                        break
+            if not batch.finish((tok == eos_id) & live, step_fn, opts["compact"], cache, P + step,
+                                [row_ids, pad, real, tok]):
+                break
+            n = batch.n
             slot = P + step  # where the token just chosen is cached
-            pos = slot - pad[:n]  # (n,)
-            key_valid = slots[None, :slot + 1] >= pad[:n, None]  # (n, slot + 1): not left padding
-            if window is not None:
-                key_valid = key_valid & (slots[None, :slot + 1] > slot - window)
-            cache.decode(slot, slot + 1, key_valid)
-            hidden = policy.trunk(tok[:n, None], rotary_pos_emb=table[pos][None, :, None])
-            logits[:n] = _next_logits(policy, hidden)
+            logits[:n] = step_fn(tok[:n], slot - pad[:n], real[:n], slot)
     return gen, gen_logp, gen_lens
 
 
 def _generate_aligned(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample_kw, opts):
     B, P = prompts.shape
     device = prompts.device
-    window = policy.arch.sliding_window
     # Left-align the prompts: row b holds its prompt at [0, len_b).
     pad = P - prompt_lens
     cols = torch.arange(P, device=device)[None]
@@ -306,52 +443,40 @@ def _generate_aligned(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sam
     logp_buf = torch.zeros((B, total), dtype=torch.float32, device=device)
     max_len = total - 1  # cache slots
     table = policy.rotary_table(max_len)
-    slots = torch.arange(max_len, device=device)
     cache = KVCache(policy, B, max_len)
     select = _Selector(B, policy.vocab_size, device, sample_kw)
+    step_fn = _DecodeStep(policy, cache, table, policy.arch.sliding_window, opts["decode"])
     start = int(prompt_lens.min())
     gen_lens = torch.zeros(B, dtype=torch.long, device=device)
-    # Per batch position (cache order; rows leave by swap-remove).
+    # Per batch position (rows leave by swap-remove).
     row_ids = torch.arange(B, device=device)
     lens = prompt_lens.clone()
     stop_at = prompt_lens + max_new  # exclusive end of each row's generation
-    alive = torch.ones(B, dtype=torch.bool, device=device)
     logits = torch.empty((B, policy.vocab_size), dtype=torch.float32, device=device)
-    n = B
+    batch = _Rows(B, device)
     with cache.attached():
         cache.prefill(slice(0, B), 0)
         logits[:] = _next_logits(policy, policy.trunk(buf[:, :start], rotary_pos_emb=table[:start, None, None]))
         pos = start
         while True:
+            n = batch.n
             rid = row_ids[:n]
             tok, lp = select(logits[:n], rid)
             in_prompt = pos < lens[:n]
-            generating = ~in_prompt & alive[:n] & (pos < stop_at[:n])
+            generating = ~in_prompt & batch.alive_t[:n] & (pos < stop_at[:n])
             fed = torch.where(in_prompt, buf[rid, pos], torch.where(generating, tok, pad_id))
             buf[rid, pos] = fed
             logp_buf[rid, pos] = torch.where(generating, lp, 0.0)
             gen_lens[rid] += generating.long()
-            fin = generating & ((tok == eos_id) | (pos + 1 >= stop_at[:n]))
             pos += 1
             if pos >= total:
                 break
-            finished = [i for i, f in enumerate(fin.tolist()) if f]  # the step's one host sync
-            if finished:
-                if opts["compact"]:
-                    n = _compact(n, finished, cache, pos - 1, [row_ids, lens, stop_at, fed])
-                    if n == 0:
-                        break
-                else:
-                    alive[torch.tensor(finished, device=device)] = False
-                    if not bool(alive.any()):
-                        break
+            fin = generating & ((tok == eos_id) | (pos >= stop_at[:n]))
+            if not batch.finish(fin, step_fn, opts["compact"], cache, pos - 1, [row_ids, lens, stop_at, fed]):
+                break
+            n = batch.n
             slot = pos - 1  # every row feeds the token at slot pos - 1 (no padding: positions = slots)
-            key_valid = None
-            if window is not None:
-                key_valid = (slots[None, :slot + 1] > slot - window).expand(n, -1)
-            cache.decode(slot, slot + 1, key_valid)
-            hidden = policy.trunk(fed[:n, None], rotary_pos_emb=table[slot:slot + 1, None, None])
-            logits[:n] = _next_logits(policy, hidden)
+            logits[:n] = step_fn(fed[:n], torch.full((n,), slot, dtype=torch.long, device=device), None, slot)
     # Re-express as (B, max_new) generations (never-written cells hold pad / 0).
     idx = prompt_lens[:, None] + torch.arange(max_new, device=device)[None]
     gen = buf.gather(1, idx)

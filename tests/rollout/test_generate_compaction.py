@@ -103,13 +103,13 @@ def test_reference_rows_end_at_different_steps(greedy_refs):
 
 
 @pytest.mark.parametrize("layout", ["left", "aligned"])
-@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("compact,decode", [(True, "eager"), (False, "eager"), (True, "static")])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_greedy_equals_naive_full_recompute(policy, greedy_refs, layout, compact, case):
+def test_greedy_equals_naive_full_recompute(policy, greedy_refs, layout, compact, decode, case):
     rows, eos, refs = greedy_refs[case]
     toks, lens = left_pad(rows)
     out = generate(policy, toks, lens, max_new_tokens=MAX_NEW, eos_id=eos, pad_id=PAD, greedy=True,
-                   layout=layout, compact=compact)
+                   layout=layout, compact=compact, decode=decode)
     assert out.generations() == refs
     for i, r in enumerate(rows):
         assert out.tokens[i, :len(r)].tolist() == r
@@ -126,9 +126,10 @@ def test_greedy_same_for_every_prefill_bucketing(policy, greedy_refs, cost):
     assert out.generations() == refs
 
 
-@pytest.mark.parametrize("layout", ["left", "aligned"])
+@pytest.mark.parametrize("layout,decode", [("left", "eager"), ("aligned", "eager"), ("left", "static"),
+                                           ("aligned", "static")])
 @pytest.mark.parametrize("lengths", [[4], [9, 1, 30, 5, 14], [3, 21, 8, 1, 12, 6, 27, 2, 16]])
-def test_sampling_unchanged_by_compaction(policy, layout, lengths):
+def test_sampling_unchanged_by_compaction(policy, layout, decode, lengths):
     rows = prompts_of_lengths(lengths, seed=len(lengths))
     toks, lens = left_pad(rows)
     kw = dict(max_new_tokens=MAX_NEW, pad_id=PAD, temperature=1.0, layout=layout)
@@ -136,7 +137,8 @@ def test_sampling_unchanged_by_compaction(policy, layout, lengths):
     free = generate(policy, toks, lens, eos_id=NEVER, generator=torch.Generator().manual_seed(5), **kw)
     streams = free.generations()
     eos = pick_eos(streams, MAX_NEW)
-    a = generate(policy, toks, lens, eos_id=eos, generator=torch.Generator().manual_seed(5), compact=True, **kw)
+    a = generate(policy, toks, lens, eos_id=eos, generator=torch.Generator().manual_seed(5), compact=True,
+                 decode=decode, **kw)
     b = generate(policy, toks, lens, eos_id=eos, generator=torch.Generator().manual_seed(5), compact=False, **kw)
     assert a.generations() == b.generations() == [cut_at(s, eos) for s in streams]
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.gen_lens, b.gen_lens)
@@ -144,6 +146,82 @@ def test_sampling_unchanged_by_compaction(policy, layout, lengths):
     if len(rows) > 1:
         ends = {len(g) for g in a.generations() if g[-1] == eos}
         assert len(ends) >= 2 and any(len(g) == MAX_NEW for g in a.generations())
+
+
+@pytest.fixture(scope="module")
+def window_policy(policy):  # after `policy`: shares its 1-rank parallel state
+    from carft_mega.models.build import policy_from_hf_source
+    from carft_mega.models.convert import HFSource
+    from tests.models.mcore_helpers import model_cfg, tiny_arch, tiny_hf_model
+
+    arch = tiny_arch("qwen2", vocab=VOCAB, hidden=32, heads=4, kv_heads=2, ffn=64, window=5)
+    p = policy_from_hf_source(HFSource.from_model(tiny_hf_model(arch, seed=3)), model_cfg()).eval()
+    assert p.arch.sliding_window == 5
+    return p
+
+
+@torch.no_grad()
+def naive_greedy_windowed(policy, row, max_new):
+    """No cache: the whole sequence each step under the sliding-window causal mask."""
+    from carft_mega.models.policy import build_attention_mask
+
+    seq, out = list(row), []
+    for _ in range(max_new):
+        x = torch.tensor([seq])
+        mask = build_attention_mask(torch.ones_like(x, dtype=torch.bool), sliding_window=policy.arch.sliding_window)
+        nxt = int(policy.lm_logits(policy.trunk(x, attention_mask=mask)[-1:], gather=True)[0, 0, :VOCAB].argmax())
+        out.append(nxt)
+        seq.append(nxt)
+    return out
+
+
+@pytest.mark.parametrize("layout,decode", [("left", "eager"), ("aligned", "eager"), ("left", "static"),
+                                           ("aligned", "static")])
+def test_sliding_window_greedy_equals_naive(window_policy, layout, decode):
+    rows = prompts_of_lengths([9, 1, 14, 3, 6], seed=21)
+    streams = [naive_greedy_windowed(window_policy, r, 16) for r in rows]
+    assert len({tuple(s) for s in streams}) > 1 and max(len(set(s)) for s in streams) > 2  # not degenerate
+    eos = pick_eos(streams, 16)
+    toks, lens = left_pad(rows)
+    out = generate(window_policy, toks, lens, max_new_tokens=16, eos_id=eos, pad_id=PAD, greedy=True,
+                   layout=layout, decode=decode)
+    assert out.generations() == [cut_at(s, eos) for s in streams]
+
+
+def test_cuda_graph_request_on_cpu_decodes_eagerly(policy, greedy_refs):
+    rows, eos, refs = greedy_refs[1]
+    toks, lens = left_pad(rows)
+    with pytest.warns(UserWarning, match="needs CUDA tensors"):
+        out = generate(policy, toks, lens, max_new_tokens=MAX_NEW, eos_id=eos, pad_id=PAD, greedy=True,
+                       decode="cuda_graph")
+    assert out.generations() == refs
+
+
+@pytest.mark.gpu
+def test_cuda_graph_decode_matches_eager_on_gpu():
+    """On a GPU: tokens from replayed CUDA graphs equal eager decoding (greedy and sampled)."""
+    from carft_mega.models.build import policy_from_hf_source
+    from carft_mega.models.convert import HFSource
+    from tests.models.mcore_helpers import model_cfg, tiny_arch, tiny_hf_model
+
+    parallel.init_distributed(ParallelConfig(tp=1), seed=0)
+    try:
+        arch = tiny_arch("llama", vocab=VOCAB, hidden=64, heads=4, kv_heads=2, ffn=96)
+        pol = policy_from_hf_source(HFSource.from_model(tiny_hf_model(arch, seed=4)), model_cfg()).eval()
+        rows = prompts_of_lengths([12, 2, 33, 7, 1, 26, 9, 40], seed=9)
+        toks, lens = (t.cuda() for t in left_pad(rows))
+        for layout in ("left", "aligned"):
+            free = generate(pol, toks, lens, max_new_tokens=MAX_NEW, eos_id=NEVER, pad_id=PAD, greedy=True,
+                            layout=layout)
+            eos = pick_eos(free.generations(), MAX_NEW)
+            for greedy in (True, False):
+                kw = dict(max_new_tokens=MAX_NEW, eos_id=eos, pad_id=PAD, greedy=greedy, layout=layout)
+                a = generate(pol, toks, lens, generator=torch.Generator("cuda").manual_seed(3), **kw)
+                b = generate(pol, toks, lens, generator=torch.Generator("cuda").manual_seed(3), decode="cuda_graph",
+                             **kw)
+                assert a.generations() == b.generations(), (layout, greedy)
+    finally:
+        parallel.destroy()
 
 
 def test_model_is_untouched_after_generate(policy):
