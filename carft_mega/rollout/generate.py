@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from carft_mega.rollout.kv_cache import KVCache, swap_remove_plan
+from carft_mega.rollout.kv_cache import KVCache, lean_decode_unsupported, swap_remove_plan
 from carft_mega.rollout.sampling import select_next
 
 
@@ -101,6 +101,7 @@ def generate(
     compact: bool = True,
     prefill_call_cost: int | None = None,
     decode: str = "eager",
+    lean_decode: bool | None = None,
 ) -> RolloutBatch:
     """Generate up to ``max_new_tokens`` per row, stopping a row at EOS.
 
@@ -123,6 +124,10 @@ def generate(
             leave the batch only when the live ones are at most half of it); ``cuda_graph``:
             ``static`` captured once per batch size and replayed (CUDA only; on a CPU it falls
             back to ``eager`` with a warning). See :class:`_DecodeStep`.
+        lean_decode: decode steps through ``KVCache.lean_trunk`` (plain torch calls on the
+            layers' weights, same result, a fraction of the Python per step) instead of
+            Megatron's modules; None = whenever the model's structure allows it
+            (``kv_cache.lean_decode_unsupported``). The prefill always runs Megatron's modules.
 
     Returns:
         :class:`RolloutBatch`.
@@ -155,7 +160,8 @@ def generate(
         gen, gen_logp, gen_lens = run(policy, prompts, prompt_lens, max_new_tokens, eos_id, pad_id,
                                       dict(greedy=greedy, temperature=temperature, top_k=top_k,
                                            top_p=top_p, generator=generator),
-                                      dict(compact=compact, prefill_call_cost=prefill_call_cost, decode=decode))
+                                      dict(compact=compact, prefill_call_cost=prefill_call_cost, decode=decode,
+                                           lean=lean_decode))
     finally:
         policy.train(was_training)
     return _to_rollout_batch(prompts, prompt_lens, gen, gen_logp, gen_lens, eos_id, pad_id)
@@ -251,8 +257,13 @@ class _DecodeStep:
         mode: see above.
     """
 
-    def __init__(self, policy, cache: KVCache, table: torch.Tensor, window: int | None, mode: str):
+    def __init__(self, policy, cache: KVCache, table: torch.Tensor, window: int | None, mode: str,
+                 lean: bool | None = None):
         self.policy, self.cache, self.table, self.window, self.mode = policy, cache, table, window, mode
+        why_not = lean_decode_unsupported(policy)
+        if lean and why_not:
+            raise ValueError(f"lean_decode=True: this model needs Megatron's modules ({why_not})")
+        self.lean = why_not is None if lean is None else lean
         self.slots = torch.arange(cache.max_len, device=table.device)
         self._static_n = -1
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -303,8 +314,12 @@ class _DecodeStep:
         return self._out
 
     def _forward(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        rot = self.table[pos][None, :, None]  # (1, n, 1, d): each row's angle, from the one table
-        return _next_logits(self.policy, self.policy.trunk(tok[:, None], rotary_pos_emb=rot))
+        freqs = self.table[pos]  # (n, d): each row's angle, from the one table
+        if self.lean:
+            hidden = self.cache.lean_trunk(self.policy, tok, freqs)
+        else:
+            hidden = self.policy.trunk(tok[:, None], rotary_pos_emb=freqs[None, :, None])
+        return _next_logits(self.policy, hidden)
 
     def _static_body(self) -> torch.Tensor:
         valid = self._valid & (self.slots[None] <= self._slot)
@@ -383,7 +398,7 @@ def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample
     slots = torch.arange(max_len, device=device)
     cache = KVCache(policy, B, max_len)
     select = _Selector(B, policy.vocab_size, device, sample_kw)
-    step_fn = _DecodeStep(policy, cache, table, window, opts["decode"])
+    step_fn = _DecodeStep(policy, cache, table, window, opts["decode"], opts["lean"])
 
     # Prefill by length buckets. Batch position p holds row row_ids[p]; every row's prompt ends
     # at slot P - 1, as in one left-padded block.
@@ -392,6 +407,7 @@ def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample
     row_ids = torch.tensor([r for g in groups for r in g], dtype=torch.long, device=device)
     pad = (P - prompt_lens)[row_ids]  # (B,) left padding, batch order
     real = slots[None] >= pad[:, None]  # (B, max_len): slots holding a real token (not padding)
+    any_padding = min(lens_host) < P
     logits = torch.empty((B, policy.vocab_size), dtype=torch.float32, device=device)
     with cache.attached():
         start = 0
@@ -425,7 +441,7 @@ def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample
                 break
             n = batch.n
             slot = P + step  # where the token just chosen is cached
-            logits[:n] = step_fn(tok[:n], slot - pad[:n], real[:n], slot)
+            logits[:n] = step_fn(tok[:n], slot - pad[:n], real[:n] if any_padding else None, slot)
     return gen, gen_logp, gen_lens
 
 
@@ -445,7 +461,7 @@ def _generate_aligned(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sam
     table = policy.rotary_table(max_len)
     cache = KVCache(policy, B, max_len)
     select = _Selector(B, policy.vocab_size, device, sample_kw)
-    step_fn = _DecodeStep(policy, cache, table, policy.arch.sliding_window, opts["decode"])
+    step_fn = _DecodeStep(policy, cache, table, policy.arch.sliding_window, opts["decode"], opts["lean"])
     start = int(prompt_lens.min())
     gen_lens = torch.zeros(B, dtype=torch.long, device=device)
     # Per batch position (rows leave by swap-remove).

@@ -68,11 +68,85 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     n, G, S, D = key.shape
     H = query.shape[2]
     q = query[0].reshape(n, G, H // G, D)  # head h belongs to query group h // (H / G)
+    return grouped_decode_attention(q, key, value, key_valid, scale).reshape(1, n, H * D)
+
+
+def grouped_decode_attention(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             key_valid: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """:func:`decode_attention` on queries already grouped ``[n, G, H/G, D]`` (any strides);
+    returns ``[n, G, H/G, D]``. Scores in fp32 (as Megatron's softmax in fp32)."""
     scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scale)  # (n, G, H/G, S)
     if key_valid is not None:
         scores.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(value.dtype)
-    return torch.matmul(probs, value).reshape(1, n, H * D)
+    return torch.matmul(probs, value)
+
+
+def lean_decode_unsupported(policy) -> str | None:
+    """Why :meth:`KVCache.lean_trunk` cannot stand in for ``policy.trunk`` on this model (None: it can).
+
+    The lean step covers exactly the layer structure ``models.gpt`` builds with the local spec
+    (RMSNorm, fused QKV, GQA, RoPE over the whole head, SwiGLU MLP, no dropout at eval, optional
+    QKV/linear biases, tensor parallelism without sequence parallelism). Anything else (Transformer
+    Engine layers, FP8, q/k norms, MoE, ...) decodes through Megatron's own modules.
+    """
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+
+    from carft_mega.models.gpt import RMSNorm
+
+    cfg = policy.config
+    checks = {
+        "transformer_impl is not local": getattr(cfg, "transformer_impl", "local") != "local",
+        "sequence parallelism": cfg.sequence_parallel,
+        "not a gated SiLU MLP": not cfg.gated_linear_unit or cfg.activation_func is not torch.nn.functional.silu,
+        "glu offset / clamp": getattr(cfg, "glu_linear_offset", 0.0) != 0.0
+        or getattr(cfg, "activation_func_clamp_value", None) is not None,
+        "fused activations": cfg.bias_activation_fusion or getattr(cfg, "use_te_activation_func", False),
+        "interleaved / partial / latent RoPE": cfg.rotary_interleaved or getattr(cfg, "multi_latent_attention", False)
+        or getattr(cfg, "no_rope_freq", None) is not None,
+        "residual options": cfg.fp32_residual_connection or cfg.apply_residual_connection_post_layernorm,
+        "output gate": getattr(cfg, "attention_output_gate", False),
+        "fewer query groups than TP ranks": cfg.num_query_groups < cfg.tensor_model_parallel_size,
+        "fp8": bool(getattr(cfg, "fp8", None)),
+        "rotary table width != head dim": policy.rotary_table(1).shape[-1] != cfg.kv_channels,
+        "no final norm": not isinstance(getattr(policy.gpt.decoder, "final_layernorm", None), RMSNorm),
+    }
+    for layer in policy.gpt.decoder.layers:
+        att = layer.self_attention
+        checks["layer structure"] = checks.get("layer structure", False) or not (
+            isinstance(layer.input_layernorm, RMSNorm) and isinstance(layer.pre_mlp_layernorm, RMSNorm)
+            and type(layer.mlp) is MLP and isinstance(layer.cross_attention, IdentityOp)
+            and isinstance(att.linear_qkv, ColumnParallelLinear) and isinstance(att.linear_proj, RowParallelLinear)
+            and isinstance(layer.mlp.linear_fc1, ColumnParallelLinear)
+            and isinstance(layer.mlp.linear_fc2, RowParallelLinear)
+            and all(getattr(att, n, None) is None or isinstance(getattr(att, n), IdentityOp)
+                    for n in ("q_layernorm", "k_layernorm")))
+    reasons = [k for k, v in checks.items() if v]
+    return ", ".join(reasons) if reasons else None
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the last dim, non-interleaved: the expression of Megatron's
+    ``_apply_rotary_pos_emb_bshd`` (so the result is bit-identical), with cos/sin computed once."""
+    t1, t2 = torch.chunk(t, 2, dim=-1)
+    return (t * cos) + (torch.cat((-t2, t1), dim=-1) * sin)
+
+
+def _column_linear(lin, x: torch.Tensor) -> torch.Tensor:
+    """``ColumnParallelLinear`` forward (no gather): Megatron's ``matmul`` then bias."""
+    out = torch.matmul(x, lin.weight.t())
+    return out + lin.bias if lin.bias is not None else out
+
+
+def _row_linear(lin, x: torch.Tensor, tp_group) -> torch.Tensor:
+    """``RowParallelLinear`` forward: local ``matmul``, all-reduce over TP, then bias (also when
+    Megatron returns it separately: the layer adds it before the residual)."""
+    out = torch.matmul(x, lin.weight.t())
+    if tp_group is not None:
+        torch.distributed.all_reduce(out, group=tp_group)
+    return out + lin.bias if lin.bias is not None else out
 
 
 class KVCache:
@@ -133,6 +207,55 @@ class KVCache:
             s = torch.tensor(sources, dtype=torch.long, device=dev)
             self.buf[:, :, h, :, :upto] = self.buf[:, :, s, :, :upto]
         self.n = new_n
+
+    # ------------------------------------------------------------------ the lean decode step
+    @torch.no_grad()
+    def lean_trunk(self, policy, tokens: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        """``policy.trunk`` for one token per live row, without Megatron's per-module Python.
+
+        On a CPU the decode step of a 135M model is dominated by Python: Megatron's layers make
+        ~18k Python calls per step (TP wrappers, autograd-Function applies, config checks). This
+        walks the same layers' weights with plain torch calls, in the same order and with the
+        same expressions, so its output equals the module path's (tests/rollout compares them);
+        :func:`lean_decode_unsupported` says when it applies. The state set by :meth:`decode`
+        (slot, attended length, key mask) is used as by the hook.
+
+        Args:
+            tokens: ``(n,)`` int64, the token fed by each live row.
+            freqs: ``(n, d)`` RoPE angles of their positions.
+
+        Returns:
+            ``[1, n, H]`` final-norm output (the LM-head input), as ``policy.trunk`` returns it.
+        """
+        gpt = policy.gpt
+        n = tokens.shape[0]
+        tp_group = policy.tp_group if policy.config.tensor_model_parallel_size > 1 else None
+        hidden = gpt.embedding(input_ids=tokens[:, None], position_ids=None)  # (1, n, H), TP all-reduced
+        dtype = hidden.dtype
+        cos = (torch.cos(freqs) * 1.0).to(dtype)[:, None, None]  # (n, 1, 1, d), once for all layers
+        sin = (torch.sin(freqs) * 1.0).to(dtype)[:, None, None]
+        G, D = self.groups, self.head_dim
+        kv = self._kv_len
+        for i, layer in enumerate(self._layers):
+            att = layer.self_attention
+            g = att.num_attention_heads_per_partition // G
+            x = layer.input_layernorm(hidden)
+            qkv = _column_linear(att.linear_qkv, x).view(n, G, g + 2, D)  # per group: g queries, key, value
+            qk = _rotate(qkv[:, :, :g + 1], cos, sin)  # (n, G, g + 1, D): RoPE on queries and key at once
+            k_cache, v_cache = self.buf[i, 0], self.buf[i, 1]
+            if isinstance(self._slot, int):
+                k_cache[:n, :, self._slot] = qk[:, :, g]
+                v_cache[:n, :, self._slot] = qkv[:, :, g + 1]
+            else:
+                k_cache[:n].index_copy_(2, self._slot, qk[:, :, g:g + 1])
+                v_cache[:n].index_copy_(2, self._slot, qkv[:, :, g + 1:])
+            ctx = grouped_decode_attention(qk[:, :, :g], k_cache[:n, :, :kv], v_cache[:n, :, :kv], self._key_valid,
+                                           self.scale)  # (n, G, g, D)
+            hidden = hidden + _row_linear(att.linear_proj, ctx.reshape(1, n, G * g * D), tp_group)
+            x = layer.pre_mlp_layernorm(hidden)
+            a, b = torch.chunk(_column_linear(layer.mlp.linear_fc1, x), 2, dim=-1)
+            hidden = hidden + _row_linear(layer.mlp.linear_fc2, torch.nn.functional.silu(a) * b, tp_group)
+        return gpt.decoder.final_layernorm(hidden)
 
     # ------------------------------------------------------------------ the hook
     @contextlib.contextmanager

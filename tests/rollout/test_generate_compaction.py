@@ -6,6 +6,8 @@
   compaction, and for every prefill bucketing.
 * Sampled tokens with compaction equal those without, for the same generator, and equal the
   prefix (up to EOS) of a run in which no row ever stops.
+* The lean decode step (``KVCache.lean_trunk``, used by default) gives bit-identical log-probs
+  to the decode step through Megatron's modules.
 * The KV-cache pieces against independent references: decode attention against a plain
   repeated-heads softmax attention, the bucket planner against brute force, swap-remove.
 """
@@ -186,6 +188,37 @@ def test_sliding_window_greedy_equals_naive(window_policy, layout, decode):
     out = generate(window_policy, toks, lens, max_new_tokens=16, eos_id=eos, pad_id=PAD, greedy=True,
                    layout=layout, decode=decode)
     assert out.generations() == [cut_at(s, eos) for s in streams]
+
+
+@pytest.mark.parametrize("which", ["llama", "qwen2_bias_window"])
+@pytest.mark.parametrize("layout", ["left", "aligned"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_lean_decode_equals_megatron_modules(policy, window_policy, which, layout, greedy):
+    """The lean decode step gives bit-identical log-probs (hence tokens) to Megatron's modules."""
+    from carft_mega.rollout.kv_cache import lean_decode_unsupported
+
+    pol = policy if which == "llama" else window_policy
+    assert lean_decode_unsupported(pol) is None
+    rows = prompts_of_lengths([7, 1, 19, 4, 11], seed=33)
+    toks, lens = left_pad(rows)
+    kw = dict(max_new_tokens=12, eos_id=3, pad_id=PAD, greedy=greedy, layout=layout)
+    a = generate(pol, toks, lens, generator=torch.Generator().manual_seed(1), lean_decode=True, **kw)
+    b = generate(pol, toks, lens, generator=torch.Generator().manual_seed(1), lean_decode=False, **kw)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.sample_logp, b.sample_logp)
+
+
+def test_lean_decode_refuses_what_it_does_not_cover(policy):
+    from carft_mega.rollout.kv_cache import lean_decode_unsupported
+
+    toks, lens = left_pad([[5, 6, 7], [8]])
+    policy.config.fp32_residual_connection = True  # a layer option the lean step does not implement
+    try:
+        assert "residual" in lean_decode_unsupported(policy)
+        with pytest.raises(ValueError, match="needs Megatron's modules"):
+            generate(policy, toks, lens, max_new_tokens=2, eos_id=NEVER, pad_id=PAD, greedy=True, lean_decode=True)
+    finally:
+        policy.config.fp32_residual_connection = False
+    assert lean_decode_unsupported(policy) is None
 
 
 def test_cuda_graph_request_on_cpu_decodes_eagerly(policy, greedy_refs):
