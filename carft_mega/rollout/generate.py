@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
-from carft_mega.rollout.kv_cache import KVCache, lean_decode_unsupported, swap_remove_plan
+from carft_mega.rollout.kv_cache import KVCache, index_tensor, lean_decode_unsupported, swap_remove_plan
 from carft_mega.rollout.sampling import select_next
 
 
@@ -357,7 +357,8 @@ class _Rows:
                per_row: list[torch.Tensor]) -> bool:
         """Rows with ``fin (n,)`` True emitted their last token. Returns False when none is left.
 
-        The one host sync of a decode step is here (``fin.tolist()``). With ``compact``, finished
+        The one host sync of a decode step is here (``fin.tolist()``); the indices sent back are
+        pinned, non-blocking copies. With ``compact``, finished
         rows leave the batch when ``step.should_compact`` says so: swap-remove in the cache and in
         every ``per_row`` tensor (first dim = batch position, updated in place); until then they
         stay, marked dead, and their outputs are ignored.
@@ -375,15 +376,14 @@ class _Rows:
             cache.drop(holes, sources, new_n, upto)
             if holes:
                 dev = per_row[0].device
-                h = torch.tensor(holes, dtype=torch.long, device=dev)
-                src = torch.tensor(sources, dtype=torch.long, device=dev)
+                h, src = index_tensor(holes, dev), index_tensor(sources, dev)
                 for t in per_row:
                     t[h] = t[src]
             self.n = new_n
             self.alive = [True] * new_n
             self.alive_t[:new_n] = True
         else:
-            self.alive_t[torch.tensor(newly, dtype=torch.long, device=self.alive_t.device)] = False
+            self.alive_t[index_tensor(newly, self.alive_t.device)] = False
         return True
 
 

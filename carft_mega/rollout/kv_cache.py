@@ -37,6 +37,14 @@ import math
 import torch
 
 
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list as an int64 index on ``device`` without a host sync (pinned, non-blocking on CUDA)."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def swap_remove_plan(n: int, dead: list[int]) -> tuple[int, list[int], list[int]]:
     """Which rows move where when the rows ``dead`` (positions in ``[0, n)``) leave the batch.
 
@@ -202,9 +210,7 @@ class KVCache:
     def drop(self, holes: list[int], sources: list[int], new_n: int, upto: int) -> None:
         """Apply a :func:`swap_remove_plan`: copy rows ``sources`` into ``holes`` (slots ``< upto``)."""
         if holes:
-            dev = self.buf.device
-            h = torch.tensor(holes, dtype=torch.long, device=dev)
-            s = torch.tensor(sources, dtype=torch.long, device=dev)
+            h, s = index_tensor(holes, self.buf.device), index_tensor(sources, self.buf.device)
             self.buf[:, :, h, :, :upto] = self.buf[:, :, s, :, :upto]
         self.n = new_n
 
