@@ -9,8 +9,11 @@ Environment knobs of the extension build (STYLE.md rule 9):
     CARFT_SKIP_CUDA_BUILD=1  build the CPU part of the extension only, even with nvcc and a CUDA torch
     CARFT_CUDA_ARCHS         semicolon-separated SM versions for the CUDA part (default "80;90")
     NVCC_THREADS             nvcc --threads (default 4)
+    CUDA_HOME                the CUDA toolkit; used only if it holds include/cuda_runtime.h, else the
+                             toolkit of the nvcc on PATH, /usr/local/cuda[-*] or pip's nvidia wheels
 """
 
+import glob
 import os
 import shutil
 import subprocess
@@ -49,6 +52,38 @@ def _openmp_flags():
     return ["-fopenmp"] if ok else []
 
 
+_CUDA_ROOTS = ("/usr/local/cuda", "/usr/local/cuda-*")  # where toolkits install, after the PATH's nvcc
+
+
+def _has_cuda_headers(home):
+    return bool(home) and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+
+
+def _cuda_home_candidates():
+    """Folders that may hold a CUDA toolkit, most specific first: $CUDA_HOME, $CUDA_PATH, the toolkit
+    of the nvcc on PATH (through symlinks, then as found), /usr/local/cuda[-*], pip's nvidia wheels."""
+    cands = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        cands += [os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), os.path.dirname(os.path.dirname(nvcc))]
+    for root in _CUDA_ROOTS:
+        cands += sorted(glob.glob(root), reverse=True)  # the newest versioned toolkit first
+    for site in sys.path:
+        cands += sorted(glob.glob(os.path.join(site, "nvidia", "cu1*")), reverse=True)
+        cands.append(os.path.join(site, "nvidia", "cuda_runtime"))
+    return [c for c in cands if c]
+
+
+def _find_cuda_home():
+    """The first candidate folder with include/cuda_runtime.h (the one header lcs_kernel.cu needs), or None.
+
+    torch's own lookup takes the parent of whatever ``nvcc`` is on PATH, which for a wrapper script in
+    /usr/local/bin is /usr/local: no headers there, and the build fails late. Set CUDA_HOME before
+    ``torch.utils.cpp_extension`` is imported, which reads it once.
+    """
+    return next((c for c in _cuda_home_candidates() if _has_cuda_headers(c)), None)
+
+
 def _cuda_arch_flags():
     """nvcc -gencode flags for CARFT_CUDA_ARCHS (default "80;90"), plus PTX of the newest arch."""
     archs = [a.strip().replace(".", "") for a in os.environ.get("CARFT_CUDA_ARCHS", "80;90").split(";")]
@@ -69,6 +104,11 @@ def _extensions():
     if _env_flag("CARFT_SKIP_EXT_BUILD"):
         _build_warning("CARFT_SKIP_EXT_BUILD is set: pure-Python install, ops use their references")
         return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home and os.environ.get("CUDA_HOME") != cuda_home:
+        if os.environ.get("CUDA_HOME"):
+            _build_warning(f"CUDA_HOME={os.environ['CUDA_HOME']} has no include/cuda_runtime.h: using {cuda_home}")
+        os.environ["CUDA_HOME"] = cuda_home
     try:
         import torch
         from torch.utils import cpp_extension
@@ -83,16 +123,21 @@ def _extensions():
     depends = [f"{_LCS_DIR}/lcs_kernel.h", f"{_LCS_DIR}/lcs_kernel.cuh"]
 
     nvcc = None
-    if torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        nvcc = shutil.which("nvcc", path=os.path.join(cpp_extension.CUDA_HOME, "bin")) or shutil.which("nvcc")
+    if torch.version.cuda is not None and cuda_home is not None:
+        cpp_extension.CUDA_HOME = cuda_home  # in case the module was imported before this function ran
+        nvcc = shutil.which("nvcc", path=os.path.join(cuda_home, "bin")) or shutil.which("nvcc")
     if _env_flag("CARFT_SKIP_CUDA_BUILD"):
         print("carft_mega setup.py: CARFT_SKIP_CUDA_BUILD is set: CPU part only", file=sys.stderr)
     elif torch.version.cuda is None:
         print("carft_mega setup.py: CPU build of torch: CPU part only", file=sys.stderr)
+    elif cuda_home is None:
+        _build_warning(f"torch is built for CUDA {torch.version.cuda} but no CUDA toolkit with "
+                       "include/cuda_runtime.h was found (set CUDA_HOME): CPU part only")
     elif nvcc is None:
         _build_warning(f"torch is built for CUDA {torch.version.cuda} but nvcc was not found "
-                       "(set CUDA_HOME): CPU part only")
+                       f"(in {cuda_home}/bin or on PATH; set CUDA_HOME): CPU part only")
     else:
+        print(f"carft_mega setup.py: CUDA part with CUDA_HOME={cuda_home}, nvcc {nvcc}", file=sys.stderr)
         nvcc_flags = ["-O3", "-std=c++17", "--threads", os.environ.get("NVCC_THREADS", "4")]
         ext = cpp_extension.CUDAExtension(
             name="carft_mega_cuda",

@@ -2,10 +2,14 @@
 
 Times forward, backward and forward+backward with ``triton.testing.do_bench`` for the three paths and
 prints one CSV row per (path, pass, shape) with the time, the ratio to the unfused path, the bytes
-moved, GB/s, the fraction of peak HBM bandwidth, peak memory, the GPU name and the git SHA::
+moved, GB/s, the fraction of the measured device-to-device copy bandwidth and of the peak HBM bandwidth,
+peak memory, the GPU name and the git SHA (CARFT_GIT_SHA where no .git is), then one ``RESULT`` line per
+(shape, pass). The fused kernels autotune here (unless CARFT_TRITON_AUTOTUNE=0) and the configs they
+chose are printed per shape::
 
     python benchmarks/bench_cot_head.py                              # H in {576, 896, 4096}, T=1024
     python benchmarks/bench_cot_head.py --sweep T --values 256,1024,4096 --H 4096
+    python benchmarks/bench_cot_head.py --shapes 1024x576,2048x4096  # explicit T x H pairs
     python benchmarks/bench_cot_head.py --csv docs/cot_head.csv      # also append the rows to a file
 
 Bytes (``bytes`` column) are the minimum HBM traffic of the op, whoever computes it: forward = read h
@@ -14,7 +18,9 @@ backward actually reads h twice (recompute of e, then dW_p = de^T h), so its GB/
 what the kernel streams. Issue 3's target: fwd+bwd at N=64, T=1024, H in {576, 4096}, K=3, bf16 on an
 H100 >= 3x faster than the unfused path and >= 60% of peak bandwidth for reading h once.
 
-Needs a CUDA GPU (exits with a message otherwise).
+Needs a CUDA GPU (exits with a message otherwise). ``--cpu-smoke`` runs the same code on the CPU under the
+Triton interpreter with one timed call per case: a check of this script (tests/test_gpu_check.py), not a
+measurement.
 """
 
 from __future__ import annotations
@@ -22,17 +28,14 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import subprocess
 import sys
-from pathlib import Path
+import time
 
 import torch
 import torch.nn.functional as F
+from _common import copy_bandwidth_gbps, git_sha  # puts the repository on sys.path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run from a source checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
-
+from carft_mega._ext import triton_kernels  # noqa: E402
 from carft_mega.ops.cot_head import cot_head, cot_head_ref  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -40,7 +43,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PEAK_GBPS = {"H100 SXM": 3350.0, "H100 80GB HBM3": 3350.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0,
              "H200": 4800.0, "A100-SXM4-80GB": 2039.0, "A100-SXM4-40GB": 1555.0}
 FIELDS = ["gpu", "sha", "impl", "pass", "dtype", "N", "T", "H", "d", "K", "ms", "x_vs_unfused", "bytes",
-          "GB_s", "pct_peak_bw", "peak_mem_MB"]
+          "GB_s", "pct_copy_bw", "pct_peak_bw", "peak_mem_MB", "configs"]
 
 
 def parse_args(argv=None):
@@ -50,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--N", type=int, default=64, help="sequences")
     p.add_argument("--T", type=int, default=1024, help="sequence length (when sweeping H)")
     p.add_argument("--H", type=int, default=4096, help="hidden size (when sweeping T)")
+    p.add_argument("--shapes", default=None, help="comma-separated TxH pairs, e.g. 1024x576,2048x4096 "
+                   "(instead of --sweep/--values)")
     p.add_argument("--d", type=int, default=64, help="projection size")
     p.add_argument("--K", type=int, default=3, help="span masks (full CoT, LCS, excluded)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -61,8 +66,18 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=25, help="do_bench warmup (ms)")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetitions (ms)")
     p.add_argument("--csv", default=None, help="also append the rows to this CSV file")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="run on the CPU under the Triton interpreter, one call per timing (checks the script)")
     args = p.parse_args(argv)
     args.values = [int(v) for v in args.values.split(",") if v]
+    if args.shapes:
+        try:
+            args.shape_list = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
+        except ValueError:
+            p.error(f"--shapes takes TxH pairs such as 1024x576, got {args.shapes!r}")
+    else:
+        args.shape_list = [((v if args.sweep == "T" else args.T), (v if args.sweep == "H" else args.H))
+                           for v in args.values]
     args.impls = [s for s in args.impls.split(",") if s]
     args.passes = [s for s in args.passes.split(",") if s]
     bad = [s for s in args.impls if s not in ("fused", "ref", "unfused")] + \
@@ -72,20 +87,11 @@ def parse_args(argv=None):
     return args
 
 
-def git_sha() -> str:
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT,
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("CARFT_GIT_SHA", "unknown")
-
-
 def peak_gbps(override: float | None) -> float | None:
     if override:
         return override
+    if not torch.cuda.is_available():
+        return None
     props = torch.cuda.get_device_properties(0)
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
     if clock_khz and bus_bits:
@@ -120,10 +126,9 @@ def unfused_head(h, W_p, b_p, w_v, b_v, span_masks, sbh=False):
     return V, torch.stack(zs), torch.stack(valids)
 
 
-def make_inputs(N, T, H, d, K, dtype, layout):
+def make_inputs(N, T, H, d, K, dtype, layout, dev="cuda"):
     """Hidden states, head parameters and CARFT-like spans: the generated part of each row (after a
     random prompt), an LCS-like subset of it and its complement."""
-    dev = "cuda"
     h_sbh = torch.randn(T, N, H, device=dev, dtype=dtype)
     W_p = (torch.randn(d, H, device=dev) / H ** 0.5).to(dtype)
     b_p, w_v = (0.1 * torch.randn(d, device=dev)).to(dtype), (torch.randn(d, device=dev) / d ** 0.5).to(dtype)
@@ -168,14 +173,23 @@ def bench_one(impl, which, h_sbh, params, masks, args, do_bench):
 
     fn = {"fwd": forward, "bwd": backward, "fwd+bwd": fwd_bwd}[which]
     fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    peak_mb = float("nan")
+    if h_sbh.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     ms = do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=leaves)
     return ms, peak_mb
+
+
+def _time_once(fn, warmup=0, rep=0, grad_to_none=None):
+    """--cpu-smoke's stand-in for do_bench: one call, in ms."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def check_close(h_sbh, params, masks):
@@ -188,22 +202,33 @@ def check_close(h_sbh, params, masks):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not torch.cuda.is_available():
+    if args.cpu_smoke:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            sys.exit("--cpu-smoke: triton was imported before TRITON_INTERPRET=1 could be set")
+        os.environ["TRITON_INTERPRET"] = "1"
+        dev, do_bench = "cpu", _time_once
+    elif not torch.cuda.is_available():
         sys.exit("bench_cot_head.py needs a CUDA GPU (torch.cuda.is_available() is False); "
-                 "the CPU tests are tests/ops/test_cot_head.py")
-    from triton.testing import do_bench
+                 "the CPU tests are tests/ops/test_cot_head.py (or try --cpu-smoke)")
+    else:
+        from triton.testing import do_bench
+        dev = "cuda"
 
-    gpu, sha, peak = torch.cuda.get_device_name(0), git_sha(), peak_gbps(args.peak_gbps)
+    kernels = triton_kernels("cot_head")
+    gpu = torch.cuda.get_device_name(0) if dev == "cuda" else "cpu (--cpu-smoke, Triton interpreter)"
+    sha, peak, copy_bw = git_sha(), peak_gbps(args.peak_gbps), copy_bandwidth_gbps(dev)
     dtype = DTYPES[args.dtype]
     print(f"# {gpu}, torch {torch.__version__}, triton {__import__('triton').__version__}, sha {sha}, "
-          f"peak HBM {peak or float('nan'):.0f} GB/s", file=sys.stderr)
+          f"peak HBM {peak or float('nan'):.0f} GB/s, measured copy {copy_bw:.0f} GB/s, "
+          f"autotune {'on' if kernels.autotune_enabled() else 'OFF (CARFT_TRITON_AUTOTUNE=0)'}", file=sys.stderr)
     writer = csv.DictWriter(sys.stdout, FIELDS)
     writer.writeheader()
-    rows = []
-    for value in args.values:
-        N, T, H = args.N, (value if args.sweep == "T" else args.T), (value if args.sweep == "H" else args.H)
+    rows, results = [], []
+    for T, H in args.shape_list:
+        N = args.N
         torch.manual_seed(0)
-        h_sbh, params, masks = make_inputs(N, T, H, args.d, args.K, dtype, args.layout)
+        h_sbh, params, masks = make_inputs(N, T, H, args.d, args.K, dtype, args.layout, dev)
+        configs = ""
         if "fused" in args.impls:
             dv, dz, same = check_close(h_sbh, params, masks)
             print(f"# N={N} T={T} H={H}: max|V-ref| {dv:.2e}, max|z-ref| {dz:.2e}, valid equal {same}",
@@ -212,19 +237,33 @@ def main(argv=None):
             times = {}
             for impl in args.impls:
                 times[impl] = bench_one(impl, which, h_sbh, params, masks, args, do_bench)
+                if impl == "fused":
+                    configs = "; ".join(f"{k}: {v}" for k, v in kernels.chosen_configs().items())
             nbytes = min_bytes(N, T, H, args.d, args.K, dtype, which)
             for impl, (ms, peak_mb) in times.items():
                 gbs = nbytes / (ms * 1e-3) / 1e9
                 row = dict(gpu=gpu, sha=sha, impl=impl, **{"pass": which}, dtype=args.dtype, N=N, T=T, H=H,
                            d=args.d, K=args.K, ms=f"{ms:.4f}",
                            x_vs_unfused=f"{times['unfused'][0] / ms:.2f}" if "unfused" in times else "",
-                           bytes=nbytes, GB_s=f"{gbs:.0f}", pct_peak_bw=f"{100 * gbs / peak:.1f}" if peak else "",
-                           peak_mem_MB=f"{peak_mb:.1f}")
+                           bytes=nbytes, GB_s=f"{gbs:.0f}", pct_copy_bw=f"{100 * gbs / copy_bw:.1f}",
+                           pct_peak_bw=f"{100 * gbs / peak:.1f}" if peak else "",
+                           peak_mem_MB=f"{peak_mb:.1f}", configs=configs if impl == "fused" else "")
                 writer.writerow(row)
                 rows.append(row)
+            if "fused" in times:
+                f_ms = times["fused"][0]
+                gbs = nbytes / (f_ms * 1e-3) / 1e9
+                vs = "  ".join(f"{times[i][0] / f_ms:.2f}x vs {i}" for i in times if i != "fused")
+                results.append(f"RESULT cot_head {which:7s} N={N} T={T} H={H} {args.dtype}: fused {f_ms:.3f} ms, "
+                               f"{gbs:.0f} GB/s = {100 * gbs / copy_bw:.0f}% of copy; {vs}")
             sys.stdout.flush()
+        if configs:
+            results.append(f"RESULT cot_head configs T={T} H={H} (autotune "
+                           f"{'on' if kernels.autotune_enabled() else 'off'}): {configs}")
         del h_sbh, params, masks
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    print("\n".join(results), flush=True)
     if args.csv:
         new = not os.path.exists(args.csv)
         with open(args.csv, "a", newline="") as f:

@@ -24,14 +24,14 @@ import csv
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 import torch
+from _common import git_sha  # puts the repository on sys.path (a checkout that was never pip-installed)
 
-from carft_mega.algos.lcs import lcs_masks_ref
-from carft_mega.ops.lcs import extension_available, lcs_masks
+from carft_mega.algos.lcs import lcs_masks_ref  # noqa: E402
+from carft_mega.ops.lcs import extension_available, lcs_masks  # noqa: E402
 
 # ref_ms: lcs_masks_ref for the CPU rows, the CPU path for the CUDA rows; ratio = ref_ms / ms.
 FIELDS = ["device", "impl", "n_pairs", "la", "lb", "threads", "ms", "min_ms", "ref_ms", "ratio",
@@ -90,18 +90,6 @@ def time_cuda(fn, reps: int = 50) -> tuple[float, float]:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), min(times)
-
-
-def git_sha() -> str:
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kernels", "carft_mega/ops"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def cpu_name() -> str:
@@ -176,7 +164,7 @@ def main() -> None:
                 target = ""
                 if length == 1024:
                     target = "  meets the 1 ms target" if ms <= 1.0 else "  MISSES the 1 ms target"
-                print(f"cuda {n:4d} x {length:5d} x {length:5d}  check_lengths={check!s:5}  {ms:8.3f} ms "
+                print(f"RESULT lcs cuda {n:4d} x {length:5d} x {length:5d}  check_lengths={check!s:5}  {ms:8.3f} ms "
                       f"(min {ms_min:.3f})   cpu {cpu_ms:8.2f} ms   {n / ms * 1e3:10.0f} pairs/s   "
                       f"{cells / ms / 1e6:7.1f} Gcells/s{target}")
                 rows.append([gdev, "cuda" if check else "cuda-nocheck", n, length, length, 0, f"{ms:.4f}",

@@ -153,14 +153,21 @@ class SFTConfig:
     """LR schedule: constant, or linear warm-up then linear decay to 0 (ReFT SFT)."""
     warmup_ratio: float = 0.1
     """Fraction of steps spent in linear warm-up (linear schedule)."""
+    max_nonfinite_steps: int = 3
+    """Stop the run after this many consecutive SFT steps with a NaN/inf loss or gradient (those
+    updates are skipped)."""
 
 
 @dataclass(kw_only=True)
 class PPOConfig:
-    """Stage 2: ReFT-style PPO (DESIGN.md Sec. 6)."""
+    """Stage 2: ReFT-style PPO, or Dr.GRPO (DESIGN.md Sec. 6)."""
 
     enabled: bool = True
     """Run the RL stage."""
+    estimator: Literal["gae", "drgrpo"] = "gae"
+    """Advantage estimator. gae: ReFT's PPO with a critic (ReFT, CARFT); drgrpo: Dr.GRPO (Liu et al.
+    2025), A_i = r_i - mean of its prompt's G samples (rollout.samples_per_prompt >= 2), no critic,
+    token-sum loss over a constant; the paper's third baseline runs it with G = 2."""
     epochs: float = 100.0
     """Passes over the training prompts (each pass: n // rollout_batch_size batches of distinct prompts)."""
     max_steps: int | None = None
@@ -184,7 +191,8 @@ class PPOConfig:
     vf_coef: float = 5.0
     """alpha: weight of the value loss."""
     kl_coef: float = 0.05
-    """beta: k1 KL penalty in the token rewards (ReFT: 0.05 nl, 0.01 python)."""
+    """beta: k1 KL penalty in the token rewards (ReFT: 0.05 nl, 0.01 python); with estimator=drgrpo
+    the weight of a k3 KL loss term instead (GRPO's KL; there are no token rewards to shape)."""
     gamma: float = 1.0
     """GAE discount."""
     lam: float = 0.95
@@ -192,14 +200,31 @@ class PPOConfig:
     critic_warmup_steps: int = 0
     """Rollout steps at the start of RL that train only the value loss (verl's critic_warmup): the
     CoT/value head starts random, and its per-token noise otherwise drives the first policy updates."""
-    whiten_advantages: Literal["global", "local", "none"] = "global"
-    """Advantage whitening over the global batch, the local batch, or not at all."""
-    whiten_shift_mean: bool = False
-    """Leave the advantages mean-centred; False adds the mean back as ReFT does (shift_mean=False)."""
-    loss_agg: Literal["token-mean", "seq-mean-token-mean"] = "token-mean"
-    """Reduction of policy and value losses (normalised by global counts)."""
+    whiten_advantages: Literal["auto", "global", "local", "none"] = "auto"
+    """Advantage whitening (A - mean) / std over the global batch, the local batch, or not at all;
+    auto = global for gae (ReFT), none for drgrpo (its advantage is not rescaled)."""
+    whiten_add_mean_back: bool = False
+    """Add the mean back after whitening. False (centred) is ReFT's default (its shift_mean=False);
+    True is its non-default shift_mean=True."""
+    loss_agg: Literal["auto", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "auto"
+    """Reduction of the policy, value and KL losses, normalised by global counts; auto = token-mean
+    for gae, seq-mean-token-sum-norm (sum over tokens / (rollout.max_new_tokens x sequences)) for
+    drgrpo."""
     max_nonfinite_steps: int = 3
-    """Stop the run after this many consecutive steps with a NaN/inf loss (those updates are skipped)."""
+    """Stop the run after this many consecutive RL steps with a NaN/inf loss or gradient (those
+    updates are skipped)."""
+
+    def resolved_whitening(self) -> str:
+        """``whiten_advantages`` with ``auto`` resolved for the estimator."""
+        if self.whiten_advantages != "auto":
+            return self.whiten_advantages
+        return "none" if self.estimator == "drgrpo" else "global"
+
+    def resolved_loss_agg(self) -> str:
+        """``loss_agg`` with ``auto`` resolved for the estimator."""
+        if self.loss_agg != "auto":
+            return self.loss_agg
+        return "seq-mean-token-sum-norm" if self.estimator == "drgrpo" else "token-mean"
 
 
 @dataclass(kw_only=True)
@@ -243,11 +268,13 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature (paper: 1.0)."""
     top_k: int = 0
-    """Top-k filter; 0 disables it (paper)."""
+    """Top-k filter; 0 disables it (paper). Refused for RL training: the filtered distribution is not
+    the one the PPO ratio and the KL are computed under (the generate command may use it)."""
     top_p: float = 1.0
-    """Nucleus filter; 1.0 disables it (paper)."""
+    """Nucleus filter; 1.0 disables it (paper). Refused for RL training, like top_k."""
     samples_per_prompt: int = 1
-    """Rollouts per prompt (paper: 1)."""
+    """G: rollouts per prompt in one rollout batch (CARFT / ReFT: 1; Dr.GRPO: G >= 2, paper 2). The G
+    samples of a prompt share its annotated CoT and are not each other's InfoNCE negatives."""
     eval_max_new_tokens: int = 700
     """Generation length limit of the greedy evaluation."""
     eval_batch_size: int = 32
@@ -444,6 +471,9 @@ def validate(cfg: TrainerConfig) -> None:
     if cfg.sft.global_batch_size % cfg.sft.micro_batch_size:
         _fail("sft.global_batch_size", cfg.sft.global_batch_size,
               f"must be a multiple of sft.micro_batch_size={cfg.sft.micro_batch_size}")
+    _positive("sft.max_nonfinite_steps", cfg.sft.max_nonfinite_steps)
+    if not cfg.sft.enabled and not cfg.ppo.enabled:
+        _fail("ppo.enabled", False, "and sft.enabled is false too: the run has nothing to do")
     p = cfg.ppo
     _positive("ppo.rollout_batch_size", p.rollout_batch_size)
     _positive("ppo.ppo_epochs", p.ppo_epochs)
@@ -457,6 +487,25 @@ def validate(cfg: TrainerConfig) -> None:
         _fail("ppo.gamma", p.gamma, "must be in [0, 1]")
     if not 0.0 <= p.lam <= 1.0:
         _fail("ppo.lam", p.lam, "must be in [0, 1]")
+    ro = cfg.rollout
+    if p.enabled:
+        # The behaviour policy must be the distribution every training-side log-prob refers to.
+        if ro.top_k != 0:
+            _fail("rollout.top_k", ro.top_k, "must be 0 for RL training: a top-k filtered sampler is not the "
+                  "softmax(logits / T) that the PPO ratio, its clip and the KL are computed under")
+        if ro.top_p != 1.0:
+            _fail("rollout.top_p", ro.top_p, "must be 1.0 for RL training: a nucleus-filtered sampler is not the "
+                  "softmax(logits / T) that the PPO ratio, its clip and the KL are computed under")
+        if p.estimator == "drgrpo":
+            if ro.samples_per_prompt < 2:
+                _fail("rollout.samples_per_prompt", ro.samples_per_prompt, "must be >= 2 with ppo.estimator=drgrpo "
+                      "(a group of one has advantage 0: nothing to learn); the paper uses 2")
+            if p.critic_warmup_steps:
+                _fail("ppo.critic_warmup_steps", p.critic_warmup_steps, "must be 0 with ppo.estimator=drgrpo "
+                      "(it has no critic)")
+            if p.loss_agg == "seq-mean-token-mean":
+                _fail("ppo.loss_agg", p.loss_agg, "is GRPO's per-sequence length normalisation, which "
+                      "Dr.GRPO removes; use auto (seq-mean-token-sum-norm) or token-mean")
     c = cfg.contrastive
     _positive("contrastive.coef", c.coef, allow_zero=True)
     _positive("contrastive.tau", c.tau)
@@ -468,7 +517,6 @@ def validate(cfg: TrainerConfig) -> None:
     _positive("reward.sandbox_timeout", r.sandbox_timeout)
     _positive("reward.sandbox_cpu_seconds", r.sandbox_cpu_seconds)
     _positive("reward.sandbox_memory_mb", r.sandbox_memory_mb)
-    ro = cfg.rollout
     _positive("rollout.max_new_tokens", ro.max_new_tokens)
     _positive("rollout.eval_max_new_tokens", ro.eval_max_new_tokens)
     _positive("rollout.eval_batch_size", ro.eval_batch_size)

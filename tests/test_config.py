@@ -15,7 +15,11 @@ def test_defaults_are_the_papers():
     c = TrainerConfig()
     assert (c.sft.lr, c.ppo.lr, c.ppo.rollout_batch_size, c.ppo.ppo_epochs) == (1e-5, 3e-7, 64, 2)
     assert (c.ppo.clip_eps, c.ppo.value_clip, c.ppo.vf_coef, c.ppo.kl_coef) == (0.2, 0.2, 5.0, 0.05)
-    assert (c.ppo.gamma, c.ppo.lam, c.ppo.whiten_advantages) == (1.0, 0.95, "global")
+    assert (c.ppo.gamma, c.ppo.lam, c.ppo.resolved_whitening(), c.ppo.whiten_add_mean_back) == \
+        (1.0, 0.95, "global", False)  # ReFT's gamma 1, lambda 0.95 and centred global whitening
+    assert (c.ppo.estimator, c.ppo.resolved_loss_agg()) == ("gae", "token-mean")
+    d = load_config(None, ["ppo.estimator=drgrpo", "rollout.samples_per_prompt=2"]).ppo
+    assert (d.resolved_whitening(), d.resolved_loss_agg()) == ("none", "seq-mean-token-sum-norm")
     assert (c.contrastive.signal, c.contrastive.coef, c.contrastive.tau) == ("positive", 1e-3, 0.2)
     assert (c.rollout.temperature, c.rollout.top_k, c.rollout.top_p, c.rollout.samples_per_prompt) == (1.0, 0, 1.0, 1)
     assert c.data.max_length == 1024 and c.reward.tolerance == 1e-2
@@ -66,6 +70,29 @@ def test_bad_values_name_field_and_value(override, field):
     assert f"'{field}'" in str(e.value) and override.split("=", 1)[1].lower() in str(e.value).lower()
 
 
+@pytest.mark.parametrize("overrides,field,why", [
+    (["rollout.top_k=20"], "rollout.top_k", "RL training"),
+    (["rollout.top_p=0.9"], "rollout.top_p", "RL training"),
+    (["ppo.estimator=drgrpo"], "rollout.samples_per_prompt", "drgrpo"),
+    (["ppo.estimator=drgrpo", "rollout.samples_per_prompt=2", "ppo.critic_warmup_steps=3"], "ppo.critic_warmup_steps",
+     "no critic"),
+    (["ppo.estimator=drgrpo", "rollout.samples_per_prompt=2", "ppo.loss_agg=seq-mean-token-mean"], "ppo.loss_agg",
+     "Dr.GRPO removes"),
+    (["sft.enabled=false", "ppo.enabled=false"], "ppo.enabled", "nothing to do"),
+    (["sft.max_nonfinite_steps=0"], "sft.max_nonfinite_steps", "> 0"),
+])
+def test_combinations_that_cannot_work_are_refused_at_start(overrides, field, why):
+    """Refused when the config is loaded, before any stage runs (SFT would otherwise run first)."""
+    with pytest.raises(ValueError) as e:
+        load_config(None, overrides)
+    assert f"'{field}'" in str(e.value) and why in str(e.value)
+
+
+def test_sampling_filters_are_allowed_without_rl():
+    c = load_config(None, ["rollout.top_k=20", "rollout.top_p=0.9", "ppo.enabled=false"])
+    assert (c.rollout.top_k, c.rollout.top_p) == (20, 0.9)
+
+
 @pytest.mark.parametrize("override,msg", [("ppo.nope=1", "no field 'nope'"), ("ppo=3", "is a section"),
                                           ("novalue", "section.field=value"), ("ppo.lr.x=1", "is a field")])
 def test_bad_override_syntax(override, msg):
@@ -86,7 +113,7 @@ def test_unknown_yaml_key_and_bad_yaml(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    c = load_config(None, ["ppo.max_steps=3", "data.dataset=svamp", "rollout.top_k=5"])
+    c = load_config(None, ["ppo.max_steps=3", "data.dataset=svamp", "rollout.top_p=0.9", "ppo.enabled=false"])
     save_config(c, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert again == c and to_dict(again) == yaml.safe_load(format_config(c))

@@ -25,7 +25,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from carft_mega import parallel
-    from carft_mega.models.convert import DEFAULT_PROMPTS, compare_logits
+    from carft_mega.models.pipelines import DEFAULT_PROMPTS, compare_logits
 
     rank = _common.init(args.tp)
     try:

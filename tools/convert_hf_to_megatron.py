@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from carft_mega import parallel
-    from carft_mega.models.convert import convert_hf_to_megatron
+    from carft_mega.models.pipelines import convert_hf_to_megatron
 
     rank = _common.init(args.tp)
     try:

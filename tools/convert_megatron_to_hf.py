@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     from carft_mega import parallel
-    from carft_mega.models.convert import convert_megatron_to_hf
+    from carft_mega.models.pipelines import convert_megatron_to_hf
 
     rank = _common.init(args.tp)
     try:

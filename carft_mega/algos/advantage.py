@@ -132,19 +132,22 @@ def masked_whiten(
     x: torch.Tensor,
     mask: torch.Tensor,
     group: dist.ProcessGroup | None = None,
-    shift_mean: bool = True,
+    add_mean_back: bool = False,
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """Whiten ``x`` with masked moments (global over ``group`` when given).
 
-    ``(x - mean) / sqrt(var + eps)``; with ``shift_mean=False`` the mean is added back, which is
-    what ReFT does (its ``allgather_masked_whiten`` default).
+    ``(x - mean) * rsqrt(var + eps)``: centred, unit variance. This is ReFT's default
+    (``src/utils.py::allgather_masked_whiten(values, mask, shift_mean=False)``, lines 84-106, and
+    TRL's ``masked_whiten(shift_mean=True)``, its local option); the two flags of the same name
+    mean opposite things, hence the explicit name here. ``add_mean_back=True`` adds the mean
+    again (ReFT's ``shift_mean=True``), which keeps the scale change but not the centring.
 
     Args:
         x: ``(B, T)`` values.
         mask: ``(B, T)`` bool.
         group: process group for the moments (None = local batch).
-        shift_mean: leave the result mean-centred.
+        add_mean_back: add the mean back after scaling (not the default anywhere in ReFT).
         eps: variance floor.
 
     Returns:
@@ -152,6 +155,38 @@ def masked_whiten(
     """
     _, mean, var = masked_moments(x, mask, group)
     out = (x.float() - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
+    if add_mean_back:
         out = out + mean
     return torch.where(mask.bool(), out, 0.0)
+
+
+def group_relative_advantages(scores: torch.Tensor, group_size: int, normalize_std: bool = False,
+                              eps: float = 1e-6) -> torch.Tensor:
+    """Outcome advantages relative to each prompt's group of samples (GRPO / Dr.GRPO).
+
+    Rows ``[k * G, (k + 1) * G)`` are the G samples of one prompt. Dr.GRPO (Liu et al. 2025,
+    "Understanding R1-Zero-Like Training", Sec. 3.2): ``A_i = r_i - mean_group(r)``, no division
+    by the group's standard deviation. ``normalize_std=True`` gives GRPO's ``(r_i - mean) /
+    (std + eps)`` with the unbiased std (Shao et al. 2024; verl ``compute_grpo_outcome_advantage``).
+    A group of one sample has advantage 0 (the formula; verl special-cases it to ``r_i``, which
+    is a REINFORCE reward without baseline, and the trainer refuses G = 1 with Dr.GRPO).
+
+    Args:
+        scores: ``(n,)`` terminal rewards, ``n`` a multiple of ``group_size``.
+        group_size: G >= 1.
+        normalize_std: divide by the group's std (GRPO) instead of not (Dr.GRPO).
+        eps: added to the std.
+
+    Returns:
+        ``(n,)`` fp32 advantages (one per sequence; broadcast to its action tokens by the caller).
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if scores.dim() != 1 or scores.shape[0] % group_size:
+        raise ValueError(f"scores must be (n,) with n a multiple of group_size={group_size}, got {tuple(scores.shape)}")
+    r = scores.float().view(-1, group_size)  # (n / G, G)
+    adv = r - r.mean(dim=1, keepdim=True)
+    if normalize_std:
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.ones_like(r[:, :1])
+        adv = adv / (std + eps)
+    return adv.reshape(-1)

@@ -20,9 +20,13 @@ The second sum is zero in value but carries the gradient that the other anchors'
 send to this micro-batch's candidates (the gradient-cache idea of Gao et al. 2021, "Scaling Deep
 Contrastive Learning Batch Size under Memory Limited Setup"). Summed over micro-batches and ranks,
 loss and gradient equal those of the full global batch whenever the bank holds the current
-embeddings (exact in the first PPO epoch; the bank is one optimizer step stale in later epochs).
-This fixes the authors' code, whose gather carried no gradient and whose negatives were limited to
-one micro-batch per rank (authors_code.md Sec. 9, bugs 2-3).
+embeddings; the trainer refreshes it (one no-grad forward) before every PPO epoch after the first,
+so every epoch is exact. This fixes the authors' code, whose gather carried no gradient and whose
+negatives were limited to one micro-batch per rank (authors_code.md Sec. 9, bugs 2-3).
+
+**Groups.** With G samples per prompt, the rows of one prompt share one annotated CoT: another
+sample of the same prompt is no negative, so it is left out of the anchor's denominator (its own
+row stays). ``InfoNCEBank.group`` holds each row's prompt id.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class InfoNCEBank:
         positive: ``(N, d)`` positive embeddings.
         candidate: ``(N, d)`` candidate (denominator) embeddings.
         select: ``(N,)`` bool, anchors that contribute a term.
-        cand_valid: ``(N,)`` bool, candidates that enter every denominator.
+        cand_valid: ``(N,)`` bool, candidates that may enter a denominator.
+        group: ``(N,)`` int64 prompt id of each row (rows of one group are not each other's negatives).
     """
 
     anchor: torch.Tensor
@@ -51,6 +56,7 @@ class InfoNCEBank:
     candidate: torch.Tensor
     select: torch.Tensor
     cand_valid: torch.Tensor
+    group: torch.Tensor
 
     @property
     def num_selected(self) -> torch.Tensor:
@@ -84,22 +90,34 @@ def build_bank(
     select: torch.Tensor,
     cand_valid: torch.Tensor,
     group: dist.ProcessGroup | None = None,
+    prompt_ids: torch.Tensor | None = None,
 ) -> tuple[InfoNCEBank, torch.Tensor]:
     """Gather this rank's ``(n, ...)`` rows into a global bank.
+
+    Args:
+        anchor, positive, candidate: ``(n, d)`` embeddings.
+        select, cand_valid: ``(n,)`` bool.
+        group: data-parallel process group (None = local).
+        prompt_ids: ``(n,)`` int64 global prompt id of each row (default: every row its own
+            prompt, i.e. ``global row index``).
 
     Returns:
         bank: the gathered, detached bank.
         offset: scalar int, the global index of this rank's first row.
     """
     rank = dist.get_rank(group) if group is not None and dist.get_world_size(group) > 1 else 0
+    n = anchor.shape[0]
+    if prompt_ids is None:
+        prompt_ids = rank * n + torch.arange(n, device=anchor.device)
     bank = InfoNCEBank(
         anchor=gather_rows(anchor.float(), group),
         positive=gather_rows(positive.float(), group),
         candidate=gather_rows(candidate.float(), group),
         select=gather_rows(select.bool(), group),
         cand_valid=gather_rows(cand_valid.bool(), group),
+        group=gather_rows(prompt_ids.to(device=anchor.device, dtype=torch.long), group),
     )
-    return bank, torch.tensor(rank * anchor.shape[0])
+    return bank, torch.tensor(rank * n)
 
 
 def info_nce(
@@ -111,6 +129,7 @@ def info_nce(
     tau: float,
     clamp_pos_cos: float | None = None,
     prefix: str = "contrastive/",
+    positive_is_candidate: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro-batch's share of a global InfoNCE loss (see the module docstring).
 
@@ -121,58 +140,68 @@ def info_nce(
         local_index: ``(n,)`` int64, the rows' positions in the bank.
         bank: the global detached bank (``N`` rows).
         tau: temperature.
-        clamp_pos_cos: clamp the positive pair's cosine from above (authors' 0.9); None = off.
+        clamp_pos_cos: clamp the positive pair's cosine from above in the loss (authors' 0.9); None = off.
         prefix: metric-name prefix.
+        positive_is_candidate: anchor ``i``'s positive is candidate ``i`` (the positive signal); the
+            accuracy metric then compares it with the *other* candidates.
 
     Returns:
         loss: scalar; its sum over all micro-batches and ranks is the global loss.
-        metrics: ``{prefix}loss`` (this share's value), ``{prefix}count`` (local selected
-            anchors), ``{prefix}cos`` (mean positive cosine), ``{prefix}acc`` (fraction of local
-            anchors whose positive outscores every candidate); detached.
+        metrics, detached, each a share of a global quantity (summing over micro-batches and ranks
+            gives it): ``{prefix}loss``; ``{prefix}count`` (selected anchors); ``{prefix}cos``
+            (mean positive cosine over the selected anchors, unclamped); ``{prefix}acc`` (fraction
+            of selected anchors whose positive outscores every other candidate of their
+            denominator).
     """
     n_global = bank.anchor.shape[0]
-    local_index = local_index.to(device=bank.anchor.device, dtype=torch.long)
-    is_local = torch.zeros(n_global, dtype=torch.bool, device=bank.anchor.device)
+    device = bank.anchor.device
+    local_index = local_index.to(device=device, dtype=torch.long)
+    is_local = torch.zeros(n_global, dtype=torch.bool, device=device)
     is_local[local_index] = True
     dt = torch.float32
     A = bank.anchor.to(dt).index_copy(0, local_index, anchor.to(dt))  # (N, d)
     P = bank.positive.to(dt).index_copy(0, local_index, positive.to(dt))
     C = bank.candidate.to(dt).index_copy(0, local_index, candidate.to(dt))
-    cand_valid = bank.cand_valid.bool()
-    # An anchor needs at least one candidate, else its denominator is empty.
-    select = bank.select.bool() & cand_valid.any()
+    cols = torch.arange(n_global, device=device)
+    select = bank.select.bool()
     rows = torch.nonzero(select).squeeze(-1)  # (M,)
-    n_sel = select.sum().clamp(min=1).to(dt)
+    # Candidates of anchor i: valid rows not of i's prompt, and i's own row.
+    same_prompt = bank.group[rows, None] == bank.group[None, :]  # (M, N)
+    own = cols[None, :] == rows[:, None]
+    allowed = bank.cand_valid.bool()[None, :] & (~same_prompt | own)
+    has_cand = allowed.any(dim=-1)  # an anchor without candidates has no denominator: no term
+    rows, allowed, own = rows[has_cand], allowed[has_cand], own[has_cand]
+    n_sel = has_cand.sum().clamp(min=1).to(dt)
 
     a = F.normalize(A[rows], dim=-1)  # (M, d)
-    logits = a @ F.normalize(C, dim=-1).T / tau  # (M, N)
-    logits = logits.masked_fill(~cand_valid, float("-inf"))
-    pos_cos = (a * F.normalize(P[rows], dim=-1)).sum(-1)  # (M,)
-    if clamp_pos_cos is not None:
-        pos_cos = pos_cos.clamp(max=clamp_pos_cos)
+    logits = (a @ F.normalize(C, dim=-1).T / tau).masked_fill(~allowed, float("-inf"))  # (M, N)
+    pos_cos_raw = (a * F.normalize(P[rows], dim=-1)).sum(-1)  # (M,)
+    pos_cos = pos_cos_raw if clamp_pos_cos is None else pos_cos_raw.clamp(max=clamp_pos_cos)
     losses = torch.logsumexp(logits, dim=-1) - pos_cos / tau  # (M,)
 
     loc = is_local[rows]
-    own = losses[loc].sum()
+    mine = losses[loc].sum()
     cross = losses[~loc]
-    loss = (own + (cross - cross.detach()).sum()) / n_sel
+    loss = (mine + (cross - cross.detach()).sum()) / n_sel
     if rows.numel() == 0:  # keep the graph connected so every rank runs the same backward
         loss = loss + 0.0 * (anchor.sum() + positive.sum() + candidate.sum()).to(dt)
     with torch.no_grad():
-        n_loc = loc.sum()
-        denom = n_loc.clamp(min=1).to(dt)
-        best_other = logits[loc].max(dim=-1).values if n_loc > 0 else logits.new_zeros(0)
+        others = logits[loc]
+        if positive_is_candidate:  # the positive itself is not a competitor
+            others = others.masked_fill(own[loc], float("-inf"))
+        best_other = others.max(dim=-1).values if others.numel() else others.new_zeros(0)
+        wins = pos_cos_raw[loc] / tau > best_other  # an anchor with no other candidate wins
         metrics = {
-            f"{prefix}loss": (own / n_sel).detach(),
-            f"{prefix}count": n_loc.to(dt),
-            f"{prefix}cos": pos_cos[loc].sum() / denom,
-            f"{prefix}acc": (pos_cos[loc] / tau >= best_other).to(dt).sum() / denom,
+            f"{prefix}loss": (mine / n_sel).detach(),
+            f"{prefix}count": loc.sum().to(dt),
+            f"{prefix}cos": pos_cos_raw[loc].sum() / n_sel,
+            f"{prefix}acc": wins.to(dt).sum() / n_sel,
         }
     return loss, metrics
 
 
-def _local_bank(anchor, positive, candidate, select, cand_valid, group):
-    bank, offset = build_bank(anchor, positive, candidate, select, cand_valid, group)
+def _local_bank(anchor, positive, candidate, select, cand_valid, group, prompt_ids):
+    bank, offset = build_bank(anchor, positive, candidate, select, cand_valid, group, prompt_ids)
     local_index = offset + torch.arange(anchor.shape[0])
     return bank, local_index
 
@@ -188,11 +217,13 @@ def contrastive_positive(
     local_index: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
     clamp_pos_cos: float | None = None,
+    prompt_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Positive signal, Eq. 7: pull each correct rollout towards its annotated CoT.
 
     ``l_i = -log(exp(s(za_i, zr_i)) / sum_j exp(s(za_i, zr_j)))``, ``L = sum_i M1_i l_i / max(1,
-    sum_i M1_i)`` with ``j`` and the count over the global batch.
+    sum_i M1_i)`` with ``j`` and the count over the global batch (``j`` not another sample of
+    ``i``'s prompt).
 
     Args:
         za: ``(n, d)`` annotated-CoT embeddings (anchors; no grad needed).
@@ -205,6 +236,7 @@ def contrastive_positive(
         local_index: ``(n,)`` positions of these rows in ``bank`` (required with ``bank``).
         group: data-parallel group used when ``bank`` is None.
         clamp_pos_cos: optional cosine clamp on the positive pair (authors' 0.9).
+        prompt_ids: ``(n,)`` global prompt id per row when ``bank`` is None (default: distinct).
 
     Returns:
         (loss, metrics) with metrics under ``contrastive/pos_*``.
@@ -212,10 +244,11 @@ def contrastive_positive(
     if cand_valid is None:
         cand_valid = torch.ones_like(select, dtype=torch.bool)
     if bank is None:
-        bank, local_index = _local_bank(za, zr, zr, select, cand_valid, group)
+        bank, local_index = _local_bank(za, zr, zr, select, cand_valid, group, prompt_ids)
     elif local_index is None:
         raise ValueError("local_index is required when a bank is given")
-    return info_nce(za, zr, zr, local_index, bank, tau, clamp_pos_cos, prefix="contrastive/pos_")
+    return info_nce(za, zr, zr, local_index, bank, tau, clamp_pos_cos, prefix="contrastive/pos_",
+                    positive_is_candidate=True)
 
 
 def contrastive_negative(
@@ -229,6 +262,7 @@ def contrastive_negative(
     bank: InfoNCEBank | None = None,
     local_index: torch.Tensor | None = None,
     group: dist.ProcessGroup | None = None,
+    prompt_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Negative signal, Eq. 8, for wrong rollouts.
 
@@ -240,8 +274,8 @@ def contrastive_negative(
         zr_exc: ``(n, d)`` rollout tokens outside the LCS (candidates; with grad).
         select: ``(n,)`` bool, M2: wrong rollout with ``zr_lcs`` and ``za_exc`` valid.
         cand_valid: ``(n,)`` bool, rows whose ``zr_exc`` exists (default all).
-        tau, bank, local_index, group: as in ``contrastive_positive`` (bank =
-            ``build_bank(zr_lcs, za_exc, zr_exc, select, cand_valid, dp_group)``).
+        tau, bank, local_index, group, prompt_ids: as in ``contrastive_positive`` (bank =
+            ``build_bank(zr_lcs, za_exc, zr_exc, select, cand_valid, dp_group, prompt_ids)``).
 
     Returns:
         (loss, metrics) with metrics under ``contrastive/neg_*``.
@@ -249,7 +283,7 @@ def contrastive_negative(
     if cand_valid is None:
         cand_valid = torch.ones_like(select, dtype=torch.bool)
     if bank is None:
-        bank, local_index = _local_bank(zr_lcs, za_exc, zr_exc, select, cand_valid, group)
+        bank, local_index = _local_bank(zr_lcs, za_exc, zr_exc, select, cand_valid, group, prompt_ids)
     elif local_index is None:
         raise ValueError("local_index is required when a bank is given")
     return info_nce(zr_lcs, za_exc, zr_exc, local_index, bank, tau, prefix="contrastive/neg_")

@@ -158,3 +158,27 @@ def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, 
             tokens[b, P - n:] = torch.tensor(list(p), dtype=torch.long)
         lengths[b] = n
     return {"tokens": tokens, "lengths": lengths}
+
+
+def micro_batches(lengths: torch.Tensor | Sequence[int], size: int) -> list[torch.Tensor]:
+    """Row indices in micro-batches of ``size``, longest rows first: rows of similar length share a
+    micro-batch, so little is spent on padding. The trainer's losses are shares of global sums, so
+    the grouping changes nothing but the summation order.
+
+    Args:
+        lengths: ``(n,)`` tokens per row (host).
+        size: rows per micro-batch.
+
+    Returns:
+        ``ceil(n / size)`` int64 index tensors (CPU), together a permutation of ``range(n)``.
+    """
+    order = torch.argsort(torch.as_tensor(lengths).cpu(), descending=True, stable=True)
+    return [order[s:s + size] for s in range(0, len(order), size)]
+
+
+def padding_share(lengths: torch.Tensor | Sequence[int], size: int) -> float:
+    """Share of padded positions when the rows run in :func:`micro_batches`, each cut to its
+    longest row (0 = no padding)."""
+    lengths = torch.as_tensor(lengths).cpu()
+    total = sum(len(rows) * int(lengths[rows].max()) for rows in micro_batches(lengths, size))
+    return 1.0 - float(lengths.sum()) / max(1, total)

@@ -149,14 +149,16 @@ def build_policy(model_cfg: ModelConfig, parallel_cfg: ParallelConfig | None = N
     return policy.to(parallel.device()).train()
 
 
-def build_reference(model_cfg: ModelConfig, parallel_cfg: ParallelConfig | None = None,
-                    vocab_size: int | None = None) -> PolicyModel:
-    """A frozen copy of the policy (same layout; eval mode, ``requires_grad_(False)``).
+def frozen_copy(policy: PolicyModel, model_cfg: ModelConfig) -> PolicyModel:
+    """A frozen copy of ``policy`` (same layout and weights; eval mode, ``requires_grad_(False)``).
 
-    Call it with ``need_logp=True`` and ignore the values (the head is unused). Build it from
-    the SFT checkpoint (``source='mcore'``) or the same source as the policy.
+    The RL stage's KL reference: a copy of the policy it starts from (the SFT checkpoint), made
+    before any RL update or resume.
     """
-    ref = build_policy(model_cfg, parallel_cfg, vocab_size)
+    ref = build_model_skeleton(policy.arch, model_cfg, policy.padded_vocab_size)
+    ref.load_state_dict(policy.state_dict())
+    ref.hf_token_ids = dict(policy.hf_token_ids)
+    ref = ref.to(next(policy.parameters()).device)
     ref.requires_grad_(False)
     return ref.eval()
 
@@ -265,7 +267,7 @@ def export_hf(policy: PolicyModel, out_dir: str | os.PathLike, *, tokenizer_dir:
     dist.barrier()
 
 
-__all__ = ["build_policy", "build_reference", "make_tiny_hf_model", "build_model_skeleton",
+__all__ = ["build_policy", "frozen_copy", "make_tiny_hf_model", "build_model_skeleton",
            "policy_from_hf_source", "load_v_head_", "checkpoint_info", "save_policy_checkpoint",
            "load_policy_weights", "load_policy_checkpoint",
            "tokenizer_dir_of", "export_hf", "TOKENIZER_SUBDIR"]

@@ -11,6 +11,10 @@ are excluded, so the distribution is exactly the HF model's.
 Backward needs no communication: every rank computes the same (replicated) loss from the
 reduced statistics, so ``d logp / d l_j = [j = y] - p_j`` and
 ``d H / d l_j = p_j (E_p[l] - l_j)`` are local given ``lse`` and ``E_p[l]``.
+
+A sampling temperature ``T`` divides the logits first (``l = logits / T``, as verl's actors do
+before the log-softmax: ``dp_actor.py`` ``logits.div_(temperature)``): the log-probs are then those
+of the distribution the rollout sampled from, and the chain rule adds a factor ``1 / T``.
 """
 
 from __future__ import annotations
@@ -42,14 +46,14 @@ class _VocabParallelLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, tp_group, vocab_start, n_valid, need_entropy):
-        # logits: (N, V_local); target: (N,) global ids.
+    def forward(ctx, logits, target, tp_group, vocab_start, n_valid, need_entropy, inv_temp):
+        # logits: (N, V_local); target: (N,) global ids; l = logits * inv_temp.
         n = logits.shape[0]
         chunks = _row_chunks(n, n_valid)
         m = torch.full((n,), float("-inf"), dtype=torch.float32, device=logits.device)
         if n_valid > 0:
             for c in chunks:
-                m[c] = logits[c, :n_valid].float().amax(dim=-1)
+                m[c] = (logits[c, :n_valid].float() * inv_temp).amax(dim=-1)
         _all_reduce(m, dist.ReduceOp.MAX, tp_group)
         local_idx = target - vocab_start
         owned = (local_idx >= 0) & (local_idx < n_valid)
@@ -57,7 +61,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         stats = torch.zeros(3 if need_entropy else 2, n, dtype=torch.float32, device=logits.device)
         if n_valid > 0:
             for c in chunks:
-                shifted = logits[c, :n_valid].float() - m[c, None]  # (rows, n_valid)
+                shifted = logits[c, :n_valid].float() * inv_temp - m[c, None]  # (rows, n_valid)
                 e = torch.exp(shifted)
                 stats[0, c] = e.sum(dim=-1)
                 stats[1, c] = torch.where(owned[c], shifted.gather(1, safe_idx[c, None]).squeeze(1), 0.0)
@@ -77,24 +81,27 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         ctx.save_for_backward(logits, safe_idx, owned, lse, mean_l)
         ctx.n_valid = n_valid
         ctx.need_entropy = need_entropy
+        ctx.inv_temp = inv_temp
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         logits, safe_idx, owned, lse, mean_l = ctx.saved_tensors
-        n_valid = ctx.n_valid
+        n_valid, inv_temp = ctx.n_valid, ctx.inv_temp
         grad = torch.zeros_like(logits)
         if n_valid > 0:
             for c in _row_chunks(logits.shape[0], n_valid):
-                lv = logits[c, :n_valid].float()
+                lv = logits[c, :n_valid].float() * inv_temp
                 # Recompute p instead of saving an (N, V_local) fp32 tensor in forward.
                 p = torch.exp(lv - lse[c, None])
                 g = -g_logp[c, None] * p
                 if ctx.need_entropy:
                     g += g_ent[c, None] * p * (mean_l[c, None] - lv)
                 g.scatter_add_(1, safe_idx[c, None], (g_logp[c] * owned[c])[:, None])
+                if inv_temp != 1.0:
+                    g *= inv_temp  # d l / d logits
                 grad[c, :n_valid] = g.to(grad.dtype)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(
@@ -105,8 +112,10 @@ def vocab_parallel_logprobs(
     vocab_start: int,
     vocab_size: int,
     need_entropy: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-prob of ``target`` and (optionally) entropy under ``softmax(logits)`` over the TP-sharded vocab.
+    """Log-prob of ``target`` and (optionally) entropy under ``softmax(logits / temperature)`` over
+    the TP-sharded vocab.
 
     Args:
         logits: ``[..., V_local]`` this rank's slice of the logits (any float dtype; maths in fp32).
@@ -117,34 +126,39 @@ def vocab_parallel_logprobs(
         vocab_size: real vocabulary size; columns with global id ``>= vocab_size`` are padding and
             take no probability mass.
         need_entropy: also return the entropy of the full distribution.
+        temperature: the sampling temperature (> 0); 1 is the model's own distribution.
 
     Returns:
         ``(logp [...] fp32, entropy [...] fp32 or None)``.
     """
     if logits.shape[:-1] != target.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} disagree")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     v_local = logits.shape[-1]
     n_valid = max(0, min(v_local, vocab_size - vocab_start))
     lead = target.shape
     logp, ent = _VocabParallelLogProbs.apply(logits.reshape(-1, v_local), target.reshape(-1).long(),
-                                            tp_group, vocab_start, n_valid, need_entropy)
+                                            tp_group, vocab_start, n_valid, need_entropy, 1.0 / temperature)
     return logp.view(lead), (ent.view(lead) if need_entropy else None)
 
 
 def full_vocab_logprobs_ref(logits: torch.Tensor, target: torch.Tensor, vocab_size: int | None = None,
-                            need_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Reference: ``log_softmax`` over the full (gathered) vocabulary in fp32.
+                            need_entropy: bool = False, temperature: float = 1.0
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Reference: ``log_softmax(logits / temperature)`` over the full (gathered) vocabulary in fp32.
 
     Args:
         logits: ``[..., V]``; columns past ``vocab_size`` are dropped.
         target: ``[...]`` token ids.
+        temperature: sampling temperature.
 
     Returns:
         ``(logp [...], entropy [...] or None)``.
     """
     if vocab_size is not None:
         logits = logits[..., :vocab_size]
-    lp = torch.log_softmax(logits.float(), dim=-1)
+    lp = torch.log_softmax(logits.float() / temperature, dim=-1)
     logp = lp.gather(-1, target.long().unsqueeze(-1)).squeeze(-1)
     ent = -(lp.exp() * lp).sum(-1) if need_entropy else None
     return logp, ent

@@ -158,10 +158,9 @@ class PolicyModel(torch.nn.Module):
         arch: its architecture (real vocabulary size, sliding window).
         cot_proj_dim: ``d`` of the CoT head.
         head_seed: initialisation seed of the CoT head (same on every rank).
-        kernels: ``model.kernels``: 'auto' runs the fused Triton CoT head on CUDA tensors and the
-            PyTorch reference on CPU tensors (the Triton interpreter is a test tool, not a CPU
-            backend); 'ref' always uses the reference. ``cot_head_impl`` may be set directly
-            ('auto' | 'triton' | 'ref').
+        kernels: ``model.kernels``, the ``impl`` of the fused CoT head op: 'auto' (the Triton
+            kernel on CUDA tensors, the reference otherwise), 'ref', or 'triton' (tests: the
+            kernel in the interpreter); ``carft_mega.ops.dispatch`` decides.
         head_trunk_grad_scale: ``model.head_trunk_grad_scale``: the factor on the gradient the CoT
             head (value and contrastive losses) sends into the trunk; 1 = the authors' shared
             trunk, 0 = the head trains on frozen features.
@@ -171,9 +170,9 @@ class PolicyModel(torch.nn.Module):
                  kernels: str = "auto", head_trunk_grad_scale: float = 1.0):
         super().__init__()
         self.head_trunk_grad_scale = head_trunk_grad_scale
-        if kernels not in ("auto", "ref"):
+        if kernels not in ("auto", "ref", "triton"):
             raise ValueError(f"config field 'model.kernels' = {kernels!r}: expected auto or ref")
-        self.cot_head_impl = kernels
+        self.kernels = kernels
         self.gpt = gpt
         self.config = gpt.config
         self.model_type = gpt.model_type  # Megatron's schedules look these two up on the model
@@ -309,7 +308,7 @@ class PolicyModel(torch.nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, span_masks: torch.Tensor | None = None,
-                need_logp: bool = True, need_entropy: bool = False) -> PolicyOutput:
+                need_logp: bool = True, need_entropy: bool = False, temperature: float = 1.0) -> PolicyOutput:
         """Log-probs, values, pooled CoT embeddings and entropy of a batch.
 
         Args:
@@ -320,6 +319,8 @@ class PolicyModel(torch.nn.Module):
             span_masks: ``[K, B, T]`` bool token-aligned spans to pool (None: no pooling).
             need_logp: compute next-token log-probs; False skips the output layer entirely.
             need_entropy: compute the entropy (implies the output layer).
+            temperature: log-probs and entropy are those of ``softmax(logits / temperature)``, the
+                distribution a rollout at that temperature samples from (DESIGN.md Sec. 6).
 
         Returns:
             :class:`PolicyOutput` (state-aligned, batch-major, see module docstring).
@@ -374,10 +375,7 @@ class PolicyModel(torch.nn.Module):
             masks = torch.zeros((0, B, S), dtype=torch.bool, device=tokens.device)
         else:
             masks = span_masks.bool()
-        impl = self.cot_head_impl
-        if impl == "auto" and not h_full.is_cuda:
-            impl = "ref"
-        values, z, z_valid = self.cot_head(h_full, masks, impl=impl)
+        values, z, z_valid = self.cot_head(h_full, masks, impl=self.kernels)
         values = values[:, :T]
 
         logp = entropy = None
@@ -390,7 +388,7 @@ class PolicyModel(torch.nn.Module):
             # Targets go to the logits' [S, B] layout (not the logits to [B, S]: that would copy them).
             lp, ent = vocab_parallel_logprobs(logits, targets.t(), tp_group=self.tp_group,
                                               vocab_start=vocab_start, vocab_size=self.vocab_size,
-                                              need_entropy=need_entropy)
+                                              need_entropy=need_entropy, temperature=temperature)
             if need_logp:
                 # State-aligned: nothing follows position T-1, its log-prob is 0.
                 logp = torch.nn.functional.pad(megatron_to_batch_major(lp)[:, :T - 1], (0, 1))

@@ -1,30 +1,28 @@
 """Fused advantage pass (DESIGN.md Sec. 6-7): KL-shaped rewards, GAE, returns and whitening moments.
 
-``advantages(...)`` runs the Triton kernel (``kernels/triton/advantages.py``) on CUDA tensors, the
-Triton interpreter when ``TRITON_INTERPRET=1``, and ``advantages_ref`` otherwise. The per-row
+``advantages(...)`` runs the Triton kernel (``kernels/triton/advantages.py``) on CUDA tensors and
+``advantages_ref`` otherwise (the rule: ``carft_mega.ops.dispatch``; ``impl='triton'`` runs the
+kernel in the interpreter on CPU tensors under ``TRITON_INTERPRET=1``). The per-row
 moments it returns make global whitening one all-reduce of three numbers::
 
     out = advantages(scores, logp_old, logp_ref, values, mask, beta, gamma, lam)
     moments = global_moments(out.row_sum, out.row_sumsq, out.row_count, group=dp_group)
-    adv = whiten_from_moments(out.advantages, mask, *moments, shift_mean=False)
+    adv = whiten_from_moments(out.advantages, mask, *moments)   # centred, as ReFT
 
 Everything here is a no-grad quantity, so there is no autograd Function.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import warnings
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from carft_mega.algos.advantage import compute_gae, kl_shaped_rewards
+from carft_mega.ops.dispatch import choose_impl
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_IMPLS = ("auto", "triton", "ref")
 
 
 class AdvantageOutput(NamedTuple):
@@ -115,20 +113,6 @@ def _kernels():
     return triton_kernels("advantages")
 
 
-def _pick_impl(impl: str, device: torch.device) -> str:
-    if impl not in _IMPLS:
-        raise ValueError(f"carft_mega.ops.advantages: impl={impl!r}, expected one of {_IMPLS}")
-    if impl != "auto":
-        return impl
-    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
-        if importlib.util.find_spec("triton") is not None:
-            return "triton"
-        if device.type == "cuda":
-            warnings.warn("carft_mega.ops.advantages: triton is not installed; using the PyTorch reference "
-                          "(a Python loop over T) on CUDA", RuntimeWarning, stacklevel=3)
-    return "ref"
-
-
 @torch.no_grad()
 def advantages(
     scores: torch.Tensor,
@@ -153,16 +137,15 @@ def advantages(
         beta: k1 KL coefficient.
         gamma: GAE discount in [0, 1].
         lam: GAE lambda in [0, 1].
-        impl: ``"auto"`` (Triton on CUDA or with ``TRITON_INTERPRET=1``, else the reference),
-            ``"triton"`` or ``"ref"``.
+        impl: ``"auto"`` (Triton on CUDA, else the reference), ``"triton"`` or ``"ref"``
+            (``carft_mega.ops.dispatch.choose_impl``).
         block_t: Triton block length along T (power of two); None picks min(1024, next_pow2(T)).
 
     Returns:
         AdvantageOutput, fp32 (``row_count`` int64), same device as the inputs.
     """
     _check_inputs(scores, logp_old, logp_ref, values, action_mask, gamma, lam)
-    which = _pick_impl(impl, logp_old.device)
-    if which == "ref":
+    if choose_impl("advantages", impl, logp_old.device) == "ref":
         return advantages_ref(scores, logp_old, logp_ref, values, action_mask, beta, gamma, lam)
     scores, logp_old, logp_ref, values, action_mask = (
         x.contiguous() for x in (scores, logp_old, logp_ref, values, action_mask))
@@ -203,13 +186,14 @@ def whiten_from_moments(
     total_sum: torch.Tensor | float,
     total_sumsq: torch.Tensor | float,
     total_count: torch.Tensor | float,
-    shift_mean: bool,
+    add_mean_back: bool = False,
     eps: float = 1e-8,
 ) -> torch.Tensor:
     """Whiten ``x`` with precomputed (e.g. globally all-reduced) moments, like ``masked_whiten``.
 
     ``mean = S / N``, unbiased ``var = (Q - S * mean) / (N - 1)`` (clamped at 0 against rounding),
-    ``(x - mean) / sqrt(var + eps)``, plus ``mean`` again when ``shift_mean`` is False (ReFT).
+    ``(x - mean) * rsqrt(var + eps)``, centred (ReFT's default, see ``masked_whiten``); ``add_mean_back``
+    adds ``mean`` again.
     The one-pass variance loses relative accuracy ~ eps_fp32 * (1 + mean^2 / var) against the
     two-pass ``masked_moments``; negligible for advantages, whose mean is small against their spread.
 
@@ -219,7 +203,7 @@ def whiten_from_moments(
         total_sum: sum of ``x`` over the mask (global).
         total_sumsq: sum of ``x**2`` over the mask (global).
         total_count: number of masked elements (global).
-        shift_mean: leave the result mean-centred.
+        add_mean_back: add the mean back after scaling (ReFT's non-default ``shift_mean=True``).
         eps: variance floor.
 
     Returns:
@@ -230,6 +214,6 @@ def whiten_from_moments(
     var = (q - s * mean).clamp(min=0.0) / (n - 1.0).clamp(min=1.0)
     mean32, var32 = mean.float(), var.float()
     out = (x.float() - mean32) * torch.rsqrt(var32 + eps)
-    if not shift_mean:
+    if add_mean_back:
         out = out + mean32
-    return out * mask
+    return torch.where(mask.bool(), out, 0.0)

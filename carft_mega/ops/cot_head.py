@@ -6,8 +6,9 @@ For hidden states ``h`` and K token sets S_k per sequence::
     V_t = w_v . relu(e_t) + b_v              # PPO value
     z_k = sum_{t in S_k} softmax_{t in S_k}(V_t) e_t      # CoT embedding (paper Eq. 6)
 
-``cot_head(...)`` runs the Triton kernel (``kernels/triton/cot_head.py``) on CUDA tensors, the Triton
-interpreter when ``TRITON_INTERPRET=1`` (CPU tensors), and ``cot_head_ref`` otherwise::
+``cot_head(...)`` runs the Triton kernel (``kernels/triton/cot_head.py``) on CUDA tensors and
+``cot_head_ref`` otherwise (``impl='triton'`` runs the kernel in the Triton interpreter on CPU
+tensors when ``TRITON_INTERPRET=1``; the rule is ``carft_mega.ops.dispatch``)::
 
     V, z, valid = cot_head(h_sbh.transpose(0, 1), W_p, b_p, w_v, b_v, span_masks)  # no copy of h
 
@@ -16,15 +17,12 @@ An empty S_k gives ``z_k = 0`` and ``valid = False`` (never a uniform softmax ov
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 import torch.nn.functional as F
 
 from carft_mega.algos.embeddings import cot_embeddings
+from carft_mega.ops.dispatch import choose_impl
 
-_IMPLS = ("auto", "triton", "ref")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_D = 128  # the Triton kernel keeps a (BLOCK_T, d) tile of e in registers
 
@@ -123,25 +121,6 @@ def _check_inputs(h, W_p, b_p, w_v, b_v, span_masks) -> None:
             raise ValueError(f"{where}: {name} is on {x.device}, h on {h.device}")
 
 
-def _pick_impl(impl: str, h: torch.Tensor, d: int) -> str:
-    if impl not in _IMPLS:
-        raise ValueError(f"carft_mega.ops.cot_head: impl={impl!r}, expected one of {_IMPLS}")
-    if impl == "triton":
-        if not h.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("carft_mega.ops.cot_head: impl='triton' needs CUDA tensors, or TRITON_INTERPRET=1 "
-                               "set before triton is first imported")
-        if d > _MAX_D:
-            raise ValueError(f"carft_mega.ops.cot_head: the Triton kernel supports d <= {_MAX_D}, got d={d}")
-        return impl
-    if impl == "ref":
-        return impl
-    if d > _MAX_D or importlib.util.find_spec("triton") is None:
-        return "ref"
-    if h.is_cuda or (h.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return "triton"
-    return "ref"
-
-
 def cot_head(
     h: torch.Tensor,
     W_p: torch.Tensor,
@@ -160,8 +139,8 @@ def cot_head(
         W_p: ``(d, H)`` projection weight, d <= 128 for the kernel; b_p: ``(d,)``.
         w_v: ``(d,)`` value weight; b_v: 0-d or ``(1,)`` value bias.
         span_masks: ``(K, N, T)`` bool token sets (K may be 0).
-        impl: ``"auto"`` (Triton on CUDA, the interpreter with ``TRITON_INTERPRET=1``, else the
-            reference), ``"triton"`` or ``"ref"``.
+        impl: ``"auto"`` (Triton on CUDA, else the reference), ``"triton"`` or ``"ref"``
+            (``carft_mega.ops.dispatch.choose_impl``).
 
     Returns:
         V: ``(N, T)`` fp32 values.
@@ -169,7 +148,10 @@ def cot_head(
         valid: ``(K, N)`` bool, False where the set is empty (drop those pairs from every loss).
     """
     _check_inputs(h, W_p, b_p, w_v, b_v, span_masks)
-    if _pick_impl(impl, h, W_p.shape[0]) == "ref":
+    d = W_p.shape[0]
+    unsupported = f"d={d} > {_MAX_D} (the kernel keeps a (BLOCK_T, d) tile in registers); d <= {_MAX_D}" \
+        if d > _MAX_D else None
+    if choose_impl("cot_head", impl, h.device, unsupported=unsupported) == "ref":
         # fp32 like the kernel's accumulators: a bf16 reference would feed the critic values ~1e-2 off.
         return cot_head_ref(h, W_p, b_p, w_v, b_v, span_masks, upcast=True)
     return CoTHeadFunction.apply(h, W_p, b_p, w_v, b_v, span_masks)

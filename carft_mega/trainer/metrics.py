@@ -201,7 +201,8 @@ class MetricsLogger:
 class StageTimer:
     """Wall-clock per named stage of a step (rollout, scoring, forwards, update).
 
-    Synchronises CUDA before reading the clock so GPU work is attributed to the right stage.
+    Synchronises CUDA before reading the clock so GPU work is attributed to the right stage. Stages
+    do not nest (``time/step`` is their sum).
     """
 
     def __init__(self) -> None:
@@ -210,6 +211,8 @@ class StageTimer:
         self._t0 = 0.0
 
     def __call__(self, name: str) -> "StageTimer":
+        if self._name is not None:
+            raise RuntimeError(f"StageTimer: stage {name!r} started inside {self._name!r}; stages do not nest")
         self._name = name
         return self
 
@@ -224,6 +227,7 @@ class StageTimer:
             torch.cuda.synchronize()
         assert self._name is not None
         self.times[self._name] = self.times.get(self._name, 0.0) + time.perf_counter() - self._t0
+        self._name = None
 
     def metrics(self) -> dict[str, float]:
         out = {f"time/{k}": v for k, v in self.times.items()}

@@ -10,12 +10,12 @@ import torch
 import torch.distributed as dist
 
 from carft_mega import parallel
-from carft_mega.data.collate import collate_sft, encode_sft
+from carft_mega.data.collate import collate_sft, encode_sft, micro_batches, padding_share
 from carft_mega.trainer.checkpoint import CheckpointRef
 from carft_mega.trainer.engine import Engine, build_engine, export_stage_hf, load_engine, save_engine
 from carft_mega.trainer.evaluate import evaluate
 from carft_mega.trainer.metrics import StageTimer
-from carft_mega.trainer.run import Run, TrainingStopped, build_initial_policy, sft_total_steps
+from carft_mega.trainer.context import Run, TrainingStopped, build_initial_policy, sft_total_steps
 
 SFT_DATA_SALT = 0
 
@@ -34,10 +34,11 @@ def sft_step(run: Run, engine: Engine) -> dict[str, float]:
     engine.zero_grad()
     finite = torch.ones((), dtype=torch.bool, device=run.device)
     loss_sum = torch.zeros((), device=run.device)
+    lengths = [len(e.input_ids) for e in examples]
+    groups = micro_batches(lengths, cfg.sft.micro_batch_size)  # similar lengths together: less padding
     with timer("update"):
-        mb = cfg.sft.micro_batch_size
-        for start in range(0, len(examples), mb):
-            batch = collate_sft(examples[start:start + mb], run.tokenizer.pad_id)
+        for rows in groups:
+            batch = collate_sft([examples[i] for i in rows.tolist()], run.tokenizer.pad_id)
             tokens = batch["tokens"].to(run.device)
             loss_mask = batch["loss_mask"].to(run.device)
             out = engine.ddp(tokens)
@@ -49,6 +50,7 @@ def sft_step(run: Run, engine: Engine) -> dict[str, float]:
     dist.all_reduce(loss_sum, group=parallel.dp_group())
     metrics["sft/loss"] = loss_sum.item()
     metrics["perf/tokens_per_s"] = counts[1].item() / max(timer.times["update"], 1e-9)
+    metrics["perf/pad_frac"] = padding_share(lengths, cfg.sft.micro_batch_size)
     metrics.update(timer.metrics())
     return metrics
 
@@ -75,18 +77,19 @@ def run_sft(run: Run, resume: CheckpointRef | None) -> CheckpointRef:
         skipped = metrics.get("optim/skipped", 0.0) > 0.0
         if skipped:
             run.print(f"SFT step {engine.step}: update skipped, non-finite loss or gradient "
-                      f"({engine.nonfinite_streak} in a row, the run stops at {cfg.ppo.max_nonfinite_steps})")
+                      f"({engine.nonfinite_streak} in a row, the run stops at {cfg.sft.max_nonfinite_steps})")
         run.logger.log("sft", engine.step, metrics if skipped or engine.step % cfg.logging.log_every == 0
                        or engine.step == total else {})
-        if engine.nonfinite_streak >= cfg.ppo.max_nonfinite_steps:
+        if engine.nonfinite_streak >= cfg.sft.max_nonfinite_steps:
             raise TrainingStopped(f"SFT stopped: {engine.nonfinite_streak} consecutive steps with a non-finite "
-                                  f"loss or gradient (ppo.max_nonfinite_steps)")
+                                  f"loss or gradient (sft.max_nonfinite_steps)")
         if cfg.checkpoint.save_every and engine.step % cfg.checkpoint.save_every == 0 and engine.step < total:
             save_sft(run, engine)
     ref = save_sft(run, engine)
     export_stage_hf(run, engine, "sft")
     acc = evaluate(run, engine.policy, tag=f"sft_step{engine.step}")
     run.results["sft_accuracy"] = acc
+    run.results["sft_checkpoint"] = ref.path
     run.logger.log("sft", engine.step, {"eval/accuracy": acc}, advance=False)
     run.print(f"accuracy after SFT: {acc:.4f} on {len(run.test)} test problems")
     return ref

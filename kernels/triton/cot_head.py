@@ -18,6 +18,13 @@ MAX_D = 128
 # see ../shared/notes/megatron_triton_on_cpu.md Sec. 4; the first config of each list is the default.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Autotuning benchmarks every config of a kernel the first time it meets a new key, 1-6 s of compiles
+# each: tests pin the first config of each list instead (one compile per shape, no benchmarking) with
+# CARFT_TRITON_AUTOTUNE=0 in the environment or set_autotune(False); benchmarks autotune and print
+# chosen_configs().
+_AUTOTUNE_ENV = "CARFT_TRITON_AUTOTUNE"
+_autotune = os.environ.get(_AUTOTUNE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
 
 def _configs(specs):
     configs = [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in specs]
@@ -333,6 +340,41 @@ def _cot_head_bwd_dw_kernel(
              mask=d_mask[:, None] & h_mask[None, :])
 
 
+_TUNED = {"fwd": _cot_head_fwd_kernel, "bwd": _cot_head_bwd_kernel, "bwd_dw": _cot_head_bwd_dw_kernel}
+_last_config: dict[str, triton.Config] = {}  # per kernel, the config of its latest launch
+
+
+def set_autotune(enabled: bool) -> None:
+    """Autotune over each kernel's config list (True, the default) or run its first config (False).
+
+    The environment variable CARFT_TRITON_AUTOTUNE=0 sets False at import. Under the interpreter each
+    list holds one config, so both settings run the same code.
+    """
+    global _autotune
+    _autotune = bool(enabled)
+
+
+def autotune_enabled() -> bool:
+    return _autotune
+
+
+def chosen_configs() -> dict[str, str]:
+    """The config each autotuned kernel ran with at its latest launch ("-" before the first one)."""
+    return {name: str(_last_config[name]) if name in _last_config else "-" for name in _TUNED}
+
+
+def _launch(name, kernel, grid, *args, **kwargs):
+    """Launch an autotuned kernel; with autotuning off, its JITFunction with the first config's
+    meta-parameters (no benchmarking: one compile per specialisation)."""
+    if _autotune:
+        kernel[grid](*args, **kwargs)
+        _last_config[name] = getattr(kernel, "best_config", None) or kernel.configs[0]
+    else:
+        cfg = kernel.configs[0]
+        kernel.fn[grid](*args, **kwargs, **cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        _last_config[name] = cfg
+
+
 def _block_sizes(h: torch.Tensor, T: int, D: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_D). tl.dot needs every dim >= 16 on a GPU. BLOCK_T is fixed per launch (not
     autotuned) because the partial buffers are sized by the number of T blocks."""
@@ -405,7 +447,7 @@ def cot_head_fwd(h, W_p, b_p, w_v, b_v, span_masks):
     part_max = torch.empty((K, N, n_tblocks), device=dev, dtype=torch.float32)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty((K, N, n_tblocks, D), device=dev, dtype=torch.float32)
-    _cot_head_fwd_kernel[(n_tblocks, N)](
+    _launch("fwd", _cot_head_fwd_kernel, (n_tblocks, N),
         h, W_p, b_p, w_v, b_v, spans, V, part_max, part_sum, part_acc,
         N, T, H, D, K, n_tblocks,
         h.stride(0), h.stride(1), W_p.stride(0), spans.stride(0), spans.stride(1), spans.stride(2),
@@ -451,7 +493,7 @@ def cot_head_bwd(h, W_p, b_p, w_v, b_v, span_masks, lse, z, dz, dV, need_dh=True
     de = torch.empty((N * T, D), device=dev, dtype=torch.float32 if dot_fp32 else h.dtype) if need_dw else None
     part = torch.zeros((N * n_tblocks, 2 * D + 1), device=dev, dtype=torch.float32)
     if N > 0 and T > 0:
-        _cot_head_bwd_kernel[(n_tblocks, N)](
+        _launch("bwd", _cot_head_bwd_kernel, (n_tblocks, N),
             h, W_p, b_p, w_v, b_v, spans, lse, z, dz, dV, dh if need_dh else h, de if need_dw else lse, part,
             N, T, H, D, K, n_tblocks,
             h.stride(0), h.stride(1), (dh if need_dh else h).stride(0), (dh if need_dh else h).stride(1),
@@ -476,7 +518,8 @@ def cot_head_bwd(h, W_p, b_p, w_v, b_v, span_masks, lse, z, dz, dV, need_dh=True
             rows_per_split = triton.cdiv(triton.cdiv(n_rows, n_split), 64) * 64  # whole BLOCK_R steps
             n_split = triton.cdiv(n_rows, rows_per_split)
             part_dw = torch.empty((n_split, D, H), device=dev, dtype=torch.float32)
-            _cot_head_bwd_dw_kernel[lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), n_split)](
+            grid = lambda meta: (triton.cdiv(H, meta["BLOCK_H"]), n_split)  # noqa: E731
+            _launch("bwd_dw", _cot_head_bwd_dw_kernel, grid,
                 h, de, part_dw, T, H, D, n_rows, rows_per_split, h.stride(0), h.stride(1),
                 BLOCK_D=block_d, DOT_FP32=dot_fp32,
             )

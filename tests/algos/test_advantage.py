@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from carft_mega.algos.advantage import (
-    compute_gae, kl_shaped_rewards, last_action_index, masked_moments, masked_whiten)
+    compute_gae, group_relative_advantages, kl_shaped_rewards, last_action_index, masked_moments, masked_whiten)
 
 
 def loop_rewards_and_gae(scores, logp_old, logp_ref, values, mask, beta, gamma, lam):
@@ -84,19 +84,53 @@ def loop_moments(x, m):
     return n, mean, var
 
 
-@pytest.mark.parametrize("shift_mean", [True, False])
-def test_masked_whiten_matches_loop(shift_mean):
-    x = torch.randn(5, 23) * 3 + 1
-    m = torch.rand(5, 23) < 0.5
+def reft_allgather_masked_whiten(values, mask, shift_mean=False):
+    """ReFT's whitening, transcribed as a loop over the flattened (already gathered) batch.
+
+    lqtrung1998/mwp_ReFT @ bdc844e, src/utils.py:84-106 (``allgather_masked_whiten``):
+        global_mean = masked_mean(values, mask); global_var = masked_var(values, mask)
+        whitened = (values - global_mean) * torch.rsqrt(global_var + 1e-8)
+        if shift_mean: whitened += global_mean
+    with trl v0.7.2 trl/core.py:113-137: ``masked_mean = sum(v * m) / sum(m)``, ``masked_var`` =
+    masked mean of the centred squares times ``n / (n - 1)`` (unbiased=True). ReFT calls it with
+    the default ``shift_mean=False`` (train_rl_reft.py:421).
+    """
+    v, m = values.flatten().tolist(), mask.flatten().tolist()
+    n = sum(m)
+    mean = sum(a * b for a, b in zip(v, m)) / n
+    var = sum(((a - mean) ** 2) * b for a, b in zip(v, m)) / n * (n / (n - 1))
+    out = [(a - mean) / math.sqrt(var + 1e-8) + (mean if shift_mean else 0.0) for a in v]
+    return torch.tensor(out).view(values.shape)
+
+
+def test_whitening_is_centred_like_reft():
+    """The issue's example: [[0, 2, 4]] whitens to [[-1, 0, 1]] (ReFT), not [[1, 2, 3]]."""
+    x = torch.tensor([[0.0, 2.0, 4.0]])
+    m = torch.ones_like(x, dtype=torch.bool)
+    expect = reft_allgather_masked_whiten(x, m)
+    torch.testing.assert_close(expect, torch.tensor([[-1.0, 0.0, 1.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(masked_whiten(x, m), expect, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("shape,p", [((5, 23), 0.5), ((1, 2), 1.0), ((3, 1), 1.0), ((4, 64), 0.1)])
+@pytest.mark.parametrize("add_mean_back", [False, True])
+def test_masked_whiten_matches_reft(shape, p, add_mean_back):
+    g = torch.Generator().manual_seed(shape[0] * 100 + shape[1])
+    x = torch.randn(*shape, generator=g) * 3 + 1
+    m = torch.rand(*shape, generator=g) < p
+    m.view(-1)[:2] = True  # at least two elements (the unbiased variance)
     n, mean, var = loop_moments(x, m)
     c, mu, v = masked_moments(x, m)
     assert c.item() == n
     assert mu.item() == pytest.approx(mean, rel=1e-5)
     assert v.item() == pytest.approx(var, rel=1e-5)
-    w = masked_whiten(x, m, shift_mean=shift_mean)
-    expect = (x - mean) / math.sqrt(var + 1e-8) + (0.0 if shift_mean else mean)
+    w = masked_whiten(x, m, add_mean_back=add_mean_back)
+    # add_mean_back=True is ReFT's shift_mean=True (never its default).
+    expect = reft_allgather_masked_whiten(x, m, shift_mean=add_mean_back)
     torch.testing.assert_close(w[m], expect[m], atol=1e-5, rtol=1e-5)
     assert not w[~m].any()
+    if not add_mean_back:
+        assert abs(w[m].mean().item()) < 1e-5
 
 
 def test_non_finite_values_outside_the_mask_do_not_leak():
@@ -125,3 +159,59 @@ def test_zero_length_rows():
     r = kl_shaped_rewards(torch.ones(3), torch.zeros(3, 0), torch.zeros(3, 0), mask, 0.1)
     adv, ret = compute_gae(r, torch.zeros(3, 0), mask, 1.0, 0.95)
     assert r.shape == adv.shape == ret.shape == (3, 0)
+
+
+def paper_group_advantages(scores, G):
+    """Dr.GRPO (Liu et al. 2025, arXiv 2503.20783, Sec. 3.2): A_i = R(q, o_i) - mean({R(q, o_1..G)})."""
+    out = []
+    for k in range(0, len(scores), G):
+        grp = scores[k:k + G]
+        mu = sum(grp) / len(grp)
+        out += [r - mu for r in grp]
+    return out
+
+
+def verl_grpo_outcome_advantage(scores, index, norm_adv_by_std_in_grpo):
+    """verl's ``compute_grpo_outcome_advantage`` as a loop (volcengine/verl @ b178a3c,
+    verl/trainer/ppo/core_algos.py:303-330): scores grouped by prompt ``index``; a group of one
+    gets mean 0 and std 1; otherwise mean and ``torch.std`` (unbiased) of the group;
+    ``(s - mean) / (std + 1e-6)`` with ``norm_adv_by_std_in_grpo``, else ``s - mean`` (Dr.GRPO)."""
+    groups = {}
+    for s, i in zip(scores, index):
+        groups.setdefault(i, []).append(s)
+    stats = {}
+    for i, grp in groups.items():
+        if len(grp) == 1:
+            stats[i] = (0.0, 1.0)
+        else:
+            mu = sum(grp) / len(grp)
+            stats[i] = (mu, math.sqrt(sum((x - mu) ** 2 for x in grp) / (len(grp) - 1)))
+    return [(s - stats[i][0]) / (stats[i][1] + 1e-6) if norm_adv_by_std_in_grpo else s - stats[i][0]
+            for s, i in zip(scores, index)]
+
+
+@pytest.mark.parametrize("n_prompts,G", [(1, 2), (5, 2), (3, 4), (7, 3), (2, 8)])
+def test_group_relative_advantages_match_paper_and_verl(n_prompts, G):
+    g = torch.Generator().manual_seed(n_prompts * 10 + G)
+    # ReFT-like rewards: 0, 0.1 (partial) or 1, so ties within a group happen.
+    scores = torch.tensor([0.0, 0.1, 1.0])[torch.randint(0, 3, (n_prompts * G,), generator=g)]
+    index = [k // G for k in range(n_prompts * G)]
+    got = group_relative_advantages(scores, G)
+    torch.testing.assert_close(got, torch.tensor(paper_group_advantages(scores.tolist(), G)), atol=1e-6, rtol=0)
+    torch.testing.assert_close(got, torch.tensor(verl_grpo_outcome_advantage(scores.tolist(), index, False)),
+                               atol=1e-6, rtol=0)
+    std_ref = torch.tensor(verl_grpo_outcome_advantage(scores.tolist(), index, True))
+    torch.testing.assert_close(group_relative_advantages(scores, G, normalize_std=True), std_ref,
+                               atol=1e-4, rtol=1e-5)
+    # Per group the advantages sum to zero: a constant shift of a group's rewards changes nothing.
+    assert got.view(n_prompts, G).sum(-1).abs().max().item() < 1e-6
+
+
+def test_group_relative_advantages_edge_cases():
+    s = torch.tensor([0.3, 1.0, 0.0])
+    assert group_relative_advantages(s, 1).tolist() == [0.0, 0.0, 0.0]  # the formula: r - r
+    with pytest.raises(ValueError, match="multiple"):
+        group_relative_advantages(s, 2)
+    with pytest.raises(ValueError, match="group_size"):
+        group_relative_advantages(s, 0)
+    assert group_relative_advantages(torch.zeros(0), 2).shape == (0,)

@@ -18,21 +18,25 @@ def cos(a, b):
     return (a @ b) / (a.norm() * b.norm())
 
 
-def loop_infonce(anchor, positive, cand, select, cand_valid, tau, clamp=None):
-    """sum_i select_i * -log(exp(s(a_i, p_i)) / sum_{j valid} exp(s(a_i, c_j))) / max(1, #select)."""
+def loop_infonce(anchor, positive, cand, select, cand_valid, tau, clamp=None, groups=None):
+    """DESIGN.md Sec. 4 (paper Eqs. 7-8) as a loop:
+    sum_i select_i * -log(exp(s(a_i, p_i)) / sum_{j in D_i} exp(s(a_i, c_j))) / #{selected i with D_i non-empty},
+    D_i = valid candidates j that are i itself or of another prompt (groups[j] != groups[i])."""
+    N = anchor.shape[0]
+    groups = list(range(N)) if groups is None else list(groups)
     terms = []
-    if not cand_valid.any():
-        return torch.zeros(())
-    for i in range(anchor.shape[0]):
+    for i in range(N):
         if not select[i]:
+            continue
+        D = [j for j in range(N) if cand_valid[j] and (j == i or groups[j] != groups[i])]
+        if not D:
             continue
         pos = cos(anchor[i], positive[i])
         if clamp is not None:
             pos = torch.clamp(pos, max=clamp)
-        den = sum(torch.exp(cos(anchor[i], cand[j]) / tau) for j in range(cand.shape[0]) if cand_valid[j])
+        den = sum(torch.exp(cos(anchor[i], cand[j]) / tau) for j in D)
         terms.append(-(pos / tau - torch.log(den)))
-    n = max(1, int(select.sum()))
-    return sum(terms) / n if terms else torch.zeros(())
+    return sum(terms) / len(terms) if terms else torch.zeros(())
 
 
 def data(N, d, seed):
@@ -109,6 +113,88 @@ def test_micro_batch_invariance(signal, splits):
     torch.testing.assert_close(total, full, atol=1e-5, rtol=1e-5)
     for a, b in zip(g_split, g_full):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("signal", ["positive", "negative"])
+@pytest.mark.parametrize("G", [2, 3])
+def test_other_samples_of_a_prompt_are_not_negatives(signal, G):
+    """G samples per prompt: the denominators leave out the other samples of the same prompt, in the
+    full batch and summed over micro-batches (loss and gradient)."""
+    N = 4 * G
+    za, zr, zx, sel, valid = data(N, 16, 20 + G)
+    groups = torch.arange(N) // G
+    if signal == "positive":
+        sel = sel & valid
+        full = loop_infonce(za, zr, zr, sel, valid, 0.2, groups=groups)
+        bank, _ = build_bank(za, zr, zr, sel, valid, prompt_ids=groups)
+        fn = lambda idx: contrastive_positive(za[idx], zr[idx], sel[idx], valid[idx], bank=bank, local_index=idx)
+    else:
+        full = loop_infonce(zr, za, zx, sel, valid, 0.2, groups=groups)
+        bank, _ = build_bank(zr, za, zx, sel, valid, prompt_ids=groups)
+        fn = lambda idx: contrastive_negative(zr[idx], za[idx], zx[idx], sel[idx], valid[idx], bank=bank,
+                                              local_index=idx)
+    ungrouped = loop_infonce(*((za, zr, zr) if signal == "positive" else (zr, za, zx)), sel, valid, 0.2)
+    assert abs(full.item() - ungrouped.item()) > 1e-4  # the masking matters on this data
+    g_full = torch.autograd.grad(full, (zr, zx), allow_unused=True, materialize_grads=True)
+    total = sum(fn(torch.arange(s, min(N, s + 3)))[0] for s in range(0, N, 3))
+    torch.testing.assert_close(total, full, atol=1e-5, rtol=1e-5)
+    g = torch.autograd.grad(total, (zr, zx), allow_unused=True, materialize_grads=True)
+    for a, b in zip(g, g_full):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    # The standalone entry points (no bank) take the same prompt ids.
+    args = (za, zr, sel, valid) if signal == "positive" else (zr, za, zx, sel, valid)
+    f = contrastive_positive if signal == "positive" else contrastive_negative
+    torch.testing.assert_close(f(*args, prompt_ids=groups)[0], full, atol=1e-5, rtol=1e-5)
+
+
+def loop_metrics(anchor, positive, cand, select, cand_valid, tau, positive_is_candidate):
+    """Mean positive cosine and accuracy over the selected anchors: an anchor is right when its
+    positive's similarity beats every other candidate's (the positive itself excluded when it is
+    one of the candidates)."""
+    coss, wins = [], []
+    for i in range(anchor.shape[0]):
+        if not select[i]:
+            continue
+        c = cos(anchor[i], positive[i]).item()
+        others = [cos(anchor[i], cand[j]).item() for j in range(cand.shape[0])
+                  if cand_valid[j] and not (positive_is_candidate and j == i)]
+        coss.append(c)
+        wins.append(all(c > o for o in others))
+    return sum(coss) / len(coss), sum(wins) / len(wins)
+
+
+@pytest.mark.parametrize("clamp", [None, 0.9])
+def test_positive_metrics_are_over_selected_anchors(clamp):
+    """Near-duplicate positives: accuracy is 1 (the positive is never compared with itself) and the
+    cosine is the mean over the selected anchors; summed over micro-batches the shares give the
+    global values."""
+    g = torch.Generator().manual_seed(3)
+    N, d = 10, 32
+    za = torch.randn(N, d, generator=g)
+    zr = za + 0.05 * torch.randn(N, d, generator=g)
+    sel = torch.ones(N, dtype=torch.bool)
+    sel[[2, 7]] = False
+    valid = torch.ones(N, dtype=torch.bool)
+    bank, _ = build_bank(za, zr, zr, sel, valid)
+    cos_ref, acc_ref = loop_metrics(za, zr, zr, sel, valid, 0.2, True)
+    assert acc_ref == 1.0
+    sums = {}
+    for idx in (torch.arange(0, 4), torch.arange(4, 10)):
+        _, m = contrastive_positive(za[idx], zr[idx], sel[idx], valid[idx], bank=bank, local_index=idx,
+                                    clamp_pos_cos=clamp)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + v.item()
+    assert sums["contrastive/pos_acc"] == pytest.approx(1.0)
+    assert sums["contrastive/pos_cos"] == pytest.approx(cos_ref, rel=1e-5)
+    assert sums["contrastive/pos_count"] == 8
+
+
+def test_negative_metrics_match_loop():
+    za, zr, zx, sel, valid = data(9, 8, 17)
+    _, m = contrastive_negative(zr, za, zx, sel, valid)
+    cos_ref, acc_ref = loop_metrics(zr, za, zx, sel, valid, 0.2, False)
+    assert m["contrastive/neg_cos"].item() == pytest.approx(cos_ref, rel=1e-5)
+    assert m["contrastive/neg_acc"].item() == pytest.approx(acc_ref)
 
 
 def test_partial_reward_embedding_range_and_value():

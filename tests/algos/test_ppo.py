@@ -1,9 +1,11 @@
 """PPO losses against CleanRL-style loops, and micro-batch invariance with global counts."""
 
+import math
+
 import pytest
 import torch
 
-from carft_mega.algos.ppo import agg_loss, ppo_policy_loss, ppo_value_loss
+from carft_mega.algos.ppo import agg_loss, kl_loss, ppo_policy_loss, ppo_value_loss
 
 
 def loop_policy_terms(logp, old, adv, mask, eps):
@@ -26,9 +28,14 @@ def loop_value_terms(v, v_old, ret, mask, c):
     return out
 
 
-def loop_reduce(terms, mask, agg):
+def loop_reduce(terms, mask, agg, budget=None):
     if agg == "token-mean":
         return terms.sum() / mask.sum()
+    if agg == "seq-mean-token-sum-norm":
+        # Dr.GRPO (Liu et al. 2025, Sec. 3.2): the token sum over all sequences, over a constant
+        # (the generation budget) times the number of sequences, never a sequence's own length.
+        return sum(terms[b, t] for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]) \
+            / (mask.shape[0] * budget)
     rows = [terms[b].sum() / mask[b].sum() for b in range(mask.shape[0]) if mask[b].any()]
     return sum(rows) / len(rows)
 
@@ -46,18 +53,22 @@ def make(B, T, seed):
     return logp, old, adv, mask, v, v_old, ret
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+BUDGET = 40
+
+
+@pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 11), (4, 32)])
 def test_losses_match_loops(agg, B, T):
     logp, old, adv, mask, v, v_old, ret = make(B, T, B * 31 + T)
-    loss, metrics = ppo_policy_loss(logp, old, adv, mask, 0.2, agg)
-    ref = loop_reduce(loop_policy_terms(logp, old, adv, mask, 0.2), mask, agg)
+    loss, metrics = ppo_policy_loss(logp, old, adv, mask, 0.2, agg, token_budget=BUDGET)
+    ref = loop_reduce(loop_policy_terms(logp, old, adv, mask, 0.2), mask, agg, BUDGET)
     torch.testing.assert_close(loss, ref)
     g, = torch.autograd.grad(loss, logp)
     g_ref, = torch.autograd.grad(ref, logp)
     torch.testing.assert_close(g, g_ref)
-    vloss, vmetrics = ppo_value_loss(v, v_old, ret, mask, 0.2, agg)
-    vref = loop_reduce(loop_value_terms(v, v_old, ret, mask, 0.2), mask, agg)
+    vloss, vmetrics = ppo_value_loss(v, v_old, ret, mask, 0.2, agg, token_budget=BUDGET)
+    vref = loop_reduce(loop_value_terms(v, v_old, ret, mask, 0.2), mask, agg, BUDGET)
     torch.testing.assert_close(vloss, vref)
     torch.testing.assert_close(torch.autograd.grad(vloss, v)[0], torch.autograd.grad(vref, v)[0])
     assert 0.0 <= metrics["actor/clipfrac"].item() <= 1.0
@@ -65,36 +76,69 @@ def test_losses_match_loops(agg, B, T):
     assert not any(m.requires_grad for m in {**metrics, **vmetrics}.values())
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("agg", AGGS)
 def test_micro_batch_invariance(agg):
+    """Losses, gradients and metrics (shares of global means) summed over micro-batches equal the
+    full batch's."""
     logp, old, adv, mask, v, v_old, ret = make(6, 9, 7)
     n_tok = mask.sum()
-    n_seq = mask.any(-1).sum()
-    full = ppo_policy_loss(logp, old, adv, mask, 0.2, agg, n_tok, n_seq)[0] + \
-        ppo_value_loss(v, v_old, ret, mask, 0.2, agg, n_tok, n_seq)[0]
+    n_seq = mask.shape[0] if agg == "seq-mean-token-sum-norm" else mask.any(-1).sum()
+    kw = dict(num_tokens=n_tok, num_seqs=n_seq, token_budget=BUDGET)
+
+    def losses(sl):
+        pg, m1 = ppo_policy_loss(logp[sl], old[sl], adv[sl], mask[sl], 0.2, agg, **kw)
+        vf, m2 = ppo_value_loss(v[sl], v_old[sl], ret[sl], mask[sl], 0.2, agg, **kw)
+        return pg + vf, {**m1, **m2}
+
+    full, m_full = losses(slice(0, 6))
     g_full = torch.autograd.grad(full, (logp, v))
-    parts = []
-    for sl in (slice(0, 2), slice(2, 6)):
-        parts.append(ppo_policy_loss(logp[sl], old[sl], adv[sl], mask[sl], 0.2, agg, n_tok, n_seq)[0]
-                     + ppo_value_loss(v[sl], v_old[sl], ret[sl], mask[sl], 0.2, agg, n_tok, n_seq)[0])
-    split = parts[0] + parts[1]
+    (a, ma), (b, mb) = losses(slice(0, 2)), losses(slice(2, 6))
+    split = a + b
     g_split = torch.autograd.grad(split, (logp, v))
     torch.testing.assert_close(split, full)
-    for a, b in zip(g_split, g_full):
-        torch.testing.assert_close(a, b)
+    for x, y in zip(g_split, g_full):
+        torch.testing.assert_close(x, y)
+    for k in m_full:
+        torch.testing.assert_close(ma[k] + mb[k], m_full[k], msg=k)
 
 
 def test_all_masked_rows_give_zero_loss():
     logp, old, adv, mask, v, v_old, ret = make(2, 4, 0)
     mask = torch.zeros_like(mask)
-    for agg in ("token-mean", "seq-mean-token-mean"):
-        assert ppo_policy_loss(logp, old, adv, mask, 0.2, agg)[0].item() == 0.0
-        assert ppo_value_loss(v, v_old, ret, mask, 0.2, agg)[0].item() == 0.0
+    for agg in AGGS:
+        assert ppo_policy_loss(logp, old, adv, mask, 0.2, agg, token_budget=BUDGET)[0].item() == 0.0
+        assert ppo_value_loss(v, v_old, ret, mask, 0.2, agg, token_budget=BUDGET)[0].item() == 0.0
+        assert kl_loss(logp, old, mask, agg, token_budget=BUDGET)[0].item() == 0.0
 
 
 def test_bad_agg_raises():
     with pytest.raises(ValueError, match="agg"):
         agg_loss(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), "mean")
+    with pytest.raises(ValueError, match="token_budget"):
+        agg_loss(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool), "seq-mean-token-sum-norm")
+
+
+def verl_low_var_kl(logprob, ref_logprob):
+    """volcengine/verl @ b178a3c, verl/trainer/ppo/core_algos.py:1890-1896 (``kl_penalty`` with
+    ``low_var_kl`` / ``k3``), per token: kl = clamp(ref - logp, -20, 20); clamp(exp(kl) - kl - 1, -10, 10)."""
+    kl = min(max(ref_logprob - logprob, -20.0), 20.0)
+    return min(max(math.exp(kl) - kl - 1.0, -10.0), 10.0)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_kl_loss_matches_verl_k3(agg):
+    logp, old, _, mask, *_ = make(4, 13, 3)
+    ref = old + 0.7 * torch.randn(4, 13, generator=torch.Generator().manual_seed(4))
+    ref[0, 0] = logp[0, 0].detach() + 30.0  # exercises both clamps
+    loss, m = kl_loss(logp, ref, mask, agg, token_budget=BUDGET)
+    terms = torch.zeros(4, 13)
+    for b in range(4):
+        for t in range(13):
+            if mask[b, t]:
+                terms[b, t] = verl_low_var_kl(logp[b, t].item(), ref[b, t].item())
+    torch.testing.assert_close(loss.detach(), loop_reduce(terms, mask, agg, BUDGET), atol=1e-5, rtol=1e-5)
+    assert m["actor/kl_loss"].item() == pytest.approx(loss.item())
+    assert kl_loss(logp, logp.detach(), mask, agg, token_budget=BUDGET)[0].item() == pytest.approx(0.0, abs=1e-7)
 
 
 def test_policy_loss_survives_a_huge_log_ratio_and_dirty_padding():

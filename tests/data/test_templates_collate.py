@@ -178,3 +178,23 @@ def test_encode_and_collate_prompts_vs_loop(max_prompt):
         assert out["lengths"][b].item() == len(p)
     assert out["tokens"].shape == (len(prompts), P) and out["tokens"].dtype == torch.long
     assert out["lengths"].dtype == torch.long
+
+
+@pytest.mark.parametrize("n,size", [(0, 4), (1, 4), (7, 3), (16, 4), (5, 8)])
+def test_micro_batches_group_by_length(n, size):
+    from carft_mega.data.collate import micro_batches, padding_share
+
+    g = torch.Generator().manual_seed(n * 10 + size)
+    lengths = torch.randint(1, 50, (n,), generator=g)
+    groups = micro_batches(lengths, size)
+    assert sorted(torch.cat(groups).tolist() if groups else []) == list(range(n))
+    assert all(len(x) == size for x in groups[:-1])
+    flat = [int(lengths[i]) for grp in groups for i in grp]
+    assert flat == sorted(lengths.tolist(), reverse=True)
+    # Padding share against a loop: rows cut to their micro-batch's longest row.
+    total = sum(len(grp) * max(int(lengths[i]) for i in grp) for grp in groups)
+    expect = 1.0 - int(lengths.sum()) / max(1, total)
+    assert padding_share(lengths, size) == pytest.approx(expect)
+    # Never more padding than fixed-order chunks of the same size.
+    fixed = sum(len(lengths[s:s + size]) * int(lengths[s:s + size].max()) for s in range(0, n, size))
+    assert total <= fixed

@@ -207,7 +207,7 @@ def tp2_checkpoints(workdir: str) -> None:
 
 def tp2_tools(workdir: str) -> None:
     """The tools' package functions at TP=2 (the CLIs wrap exactly these)."""
-    from carft_mega.models.convert import compare_logits, convert_hf_to_megatron, convert_megatron_to_hf
+    from carft_mega.models.pipelines import compare_logits, convert_hf_to_megatron, convert_megatron_to_hf
 
     src = os.path.join(workdir, "hf_src")
     out = os.path.join(workdir, "tool_ckpt_tp2")

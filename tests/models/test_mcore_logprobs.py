@@ -76,3 +76,26 @@ def test_row_chunking_gives_the_same_result(monkeypatch):
     assert len(lp_mod._row_chunks(37, 190)) == 37
     for lp, ent, gx in outs[1:]:
         assert torch.equal(lp, outs[0][0]) and torch.equal(ent, outs[0][1]) and torch.equal(gx, outs[0][2])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 0.7, 1.0, 1.6])
+def test_temperature_scales_the_distribution(temperature):
+    """log-probs and entropy of softmax(logits / T), the distribution a rollout at temperature T
+    samples from, forward and backward, with padding columns past the real vocabulary."""
+    g = torch.Generator().manual_seed(int(temperature * 10))
+    V, vocab = 97, 90
+    logits = (torch.randn(3, 11, V, generator=g) * 3).requires_grad_(True)
+    target = torch.randint(0, vocab, (3, 11), generator=g)
+    lp, ent = vocab_parallel_logprobs(logits, target, tp_group=None, vocab_start=0, vocab_size=vocab,
+                                      need_entropy=True, temperature=temperature)
+    ref_all = torch.log_softmax(logits[..., :vocab] / temperature, dim=-1)
+    lp_ref = ref_all.gather(-1, target[..., None]).squeeze(-1)
+    ent_ref = -(ref_all.exp() * ref_all).sum(-1)
+    torch.testing.assert_close(lp, lp_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ent, ent_ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(3, 11, generator=g)
+    (gx,) = torch.autograd.grad((lp * w).sum() + ent.sum(), logits)
+    (gr,) = torch.autograd.grad((lp_ref * w).sum() + ent_ref.sum(), logits)
+    torch.testing.assert_close(gx, gr, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="temperature"):
+        vocab_parallel_logprobs(logits, target, tp_group=None, vocab_start=0, vocab_size=vocab, temperature=0.0)

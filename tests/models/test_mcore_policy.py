@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from carft_mega.models import convert
-from carft_mega.models.build import build_policy, build_reference, policy_from_hf_source
+from carft_mega.models.build import build_policy, frozen_copy, policy_from_hf_source
 from tests.models.mcore_helpers import (assert_fp32_close, hf_reference, model_cfg, policy_inputs, policy_loss,
                                         random_head_, tiny_arch, tiny_hf_model, tp1)  # noqa: F401
 from carft_mega.config import TinyModelConfig
@@ -140,7 +140,7 @@ def test_fused_cot_head_inside_the_policy(tp1):
     tokens, mask, spans, _ = policy_inputs(seed=8, B=2, T=9)
     with torch.no_grad():
         ref = pol(tokens, attention_mask=mask, span_masks=spans, need_logp=False)
-        pol.cot_head_impl = "triton"
+        pol.kernels = "triton"
         fused = pol(tokens, attention_mask=mask, span_masks=spans, need_logp=False)
     assert_fp32_close("values", fused.values, ref.values)
     assert_fp32_close("z", fused.z, ref.z)
@@ -154,11 +154,14 @@ def test_build_policy_tiny_and_reference(tp1):
     assert a.training and a.arch.vocab_size == 50 and a.padded_vocab_size == 128
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())
                if torch.is_tensor(x))
-    ref = build_reference(cfg, vocab_size=50)
+    ref = frozen_copy(a, cfg)
     assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    assert a.training and all(p.requires_grad for p in a.parameters())
     tokens = torch.randint(0, 50, (2, 6))
     with torch.no_grad():
         assert torch.equal(ref(tokens).logp, a.eval()(tokens).logp)
+        next(a.parameters()).add_(1.0)  # a copy, not a view of the policy's weights
+        assert not torch.equal(ref(tokens).logp, a(tokens).logp)
     with pytest.raises(ValueError, match="needs vocab_size"):
         build_policy(cfg)
 

@@ -71,7 +71,7 @@ def test_greedy_continuation_equals_hf(converted, smollm2_source):
 
 
 def test_compare_logits_kl(converted, smollm2_source, smollm2_gguf):
-    from carft_mega.models.convert import compare_logits
+    from carft_mega.models.pipelines import compare_logits
 
     _, policy = converted
     res = compare_logits(smollm2_gguf, policy=policy, hf_model=smollm2_source.model,

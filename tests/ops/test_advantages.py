@@ -11,8 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from carft_mega.algos.advantage import compute_gae, kl_shaped_rewards, masked_whiten
+from carft_mega.ops.dispatch import choose_impl
 from carft_mega.ops.advantages import (
-    _pick_impl, advantages, advantages_ref, global_moments, whiten_from_moments)
+    advantages, advantages_ref, global_moments, whiten_from_moments)
 from tests.utils import assert_close_to_ref
 
 BETA = 0.05
@@ -165,13 +166,19 @@ def test_empty_batch_and_zero_length():
 
 
 def test_impl_selection(monkeypatch):
+    """model.kernels: auto = the kernel on CUDA, the reference on CPU even under TRITON_INTERPRET
+    (the interpreter is a test tool); triton on CPU needs the interpreter."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert _pick_impl("auto", cuda) == "triton"
+    assert choose_impl("advantages", "auto", cuda) == "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert _pick_impl("auto", cpu) == "triton"
+    assert choose_impl("advantages", "auto", cpu) == "ref"
+    assert choose_impl("advantages", "triton", cpu) == "triton"
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert _pick_impl("auto", cpu) == "ref"
-    assert _pick_impl("ref", cuda) == "ref"
+    assert choose_impl("advantages", "auto", cpu) == "ref"
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        choose_impl("advantages", "triton", cpu)
+    assert choose_impl("advantages", "ref", cuda) == "ref"
+    assert choose_impl("cot_head", "auto", cuda, unsupported="d too large") == "ref"
     args = make_inputs(2, 9, "gaps", seed=3)
     ref = advantages_ref(*args, BETA, 1.0, 0.95)
     out = advantages(*args, BETA, 1.0, 0.95)  # the reference path, called through the public op
@@ -195,21 +202,21 @@ def test_bad_inputs_name_the_field():
         advantages(scores, lo, lr, v, mask, BETA, 1.0, 0.95, impl="cuda")
 
 
-@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("add_mean_back", [False, True])
 @pytest.mark.parametrize("kind", ["gaps", "mixed"])
-def test_whiten_from_moments_matches_masked_whiten(shift_mean, kind):
+def test_whiten_from_moments_matches_masked_whiten(add_mean_back, kind):
     args = make_inputs(6, 50, kind, seed=11)
     out = advantages(*args, BETA, 1.0, 0.95, impl="triton", block_t=16)
     mask = args[4]
     w = whiten_from_moments(out.advantages, mask, *global_moments(out.row_sum, out.row_sumsq, out.row_count),
-                            shift_mean=shift_mean)
-    expect = masked_whiten(out.advantages, mask, shift_mean=shift_mean)
+                            add_mean_back=add_mean_back)
+    expect = masked_whiten(out.advantages, mask, add_mean_back=add_mean_back)
     torch.testing.assert_close(w, expect, atol=1e-5, rtol=1e-4)
     # An offset mean (mean / std = 30) still whitens to fp32 tolerance through the fp64 moments.
     x = (torch.randn(6, 50) + 30.0) * mask
     sums = (x.sum(-1), (x * x).sum(-1), mask.sum(-1))
-    torch.testing.assert_close(whiten_from_moments(x, mask, *global_moments(*sums), shift_mean=shift_mean),
-                               masked_whiten(x, mask, shift_mean=shift_mean), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(whiten_from_moments(x, mask, *global_moments(*sums), add_mean_back=add_mean_back),
+                               masked_whiten(x, mask, add_mean_back=add_mean_back), atol=1e-4, rtol=1e-4)
 
 
 def test_whiten_from_moments_degenerate_counts():
@@ -217,8 +224,8 @@ def test_whiten_from_moments_degenerate_counts():
     one = torch.zeros(2, 4, dtype=torch.bool)
     one[1, 2] = True
     for mask in (torch.zeros(2, 4, dtype=torch.bool), one):  # count 0 and count 1
-        got = whiten_from_moments(x, mask, (x * mask).sum(), (x * x * mask).sum(), mask.sum(), shift_mean=True)
-        torch.testing.assert_close(got, masked_whiten(x, mask, shift_mean=True))
+        got = whiten_from_moments(x, mask, (x * mask).sum(), (x * x * mask).sum(), mask.sum())
+        torch.testing.assert_close(got, masked_whiten(x, mask))
         assert torch.isfinite(got).all()
 
 
@@ -242,9 +249,9 @@ def _whiten_worker(rank, world, port, out_dir):
         start = sum(RANK_ROWS[:rank])
         rows = slice(start, start + RANK_ROWS[rank])
         args = tuple(x[rows] for x in _global_inputs())
-        out = advantages(*args, BETA, 1.0, 0.95)  # auto: the interpreter under the test session's env
+        out = advantages(*args, BETA, 1.0, 0.95, impl="triton")  # the kernel, in the interpreter
         moments = global_moments(out.row_sum, out.row_sumsq, out.row_count, group=dist.group.WORLD)
-        res = {f"w{int(s)}": whiten_from_moments(out.advantages, args[4], *moments, shift_mean=s)
+        res = {f"w{int(s)}": whiten_from_moments(out.advantages, args[4], *moments, add_mean_back=s)
                for s in (True, False)}
         res["moments"] = torch.stack(moments)
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -264,7 +271,7 @@ def test_global_whitening_over_two_gloo_ranks(tmp_path):
         torch.testing.assert_close(r["moments"], expect_moments, atol=1e-4, rtol=1e-5)
     for s in (True, False):
         got = torch.cat([r[f"w{int(s)}"] for r in res])
-        torch.testing.assert_close(got, masked_whiten(full.advantages, args[4], shift_mean=s), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got, masked_whiten(full.advantages, args[4], add_mean_back=s), atol=1e-5, rtol=1e-4)
     assert math.isfinite(got.sum().item())
 
 
@@ -277,3 +284,39 @@ def test_kernel_on_gpu(dtype, B, T):
     assert out.advantages.is_cuda
     out = type(out)(*(x.cpu() for x in out))
     check_against_loop(out, advantages_ref(*args, BETA, 1.0, 0.95), args, 1.0, 0.95)
+
+
+def _check_row_subset(B, T, device, rows, dtype=torch.bfloat16):
+    """The kernel on a (B, T) batch generated on ``device``, checked on ``rows`` only against the fp64
+    loop (the rows are independent), with the fp32 reference of those rows setting the slack."""
+    gen = torch.Generator(device=device).manual_seed(B + T)
+    # Drawn in ``dtype`` and updated in place: no fp32 temporaries of the full size.
+    mask = torch.rand(B, T, device=device, generator=gen, dtype=dtype) < 0.6
+    mask[0] = False  # an empty row
+    mask[B - 1] = True  # a full one, at the end of the buffers
+    scores = torch.rand(B, device=device, generator=gen) * 2 - 0.5
+    logp_old = torch.rand(B, T, device=device, generator=gen, dtype=dtype).mul_(-3)
+    logp_ref = torch.randn(B, T, device=device, generator=gen, dtype=dtype).mul_(0.3).add_(logp_old)
+    values = torch.randn(B, T, device=device, generator=gen, dtype=dtype)
+    out = advantages(scores, logp_old, logp_ref, values, mask, BETA, 1.0, 0.95, impl="triton")
+    idx = torch.tensor(rows, device=device)
+    sub = tuple(x.index_select(0, idx).cpu() for x in (scores, logp_old, logp_ref, values, mask))
+    out = type(out)(*(x.index_select(0, idx).cpu() for x in out))
+    check_against_loop(out, advantages_ref(*sub, BETA, 1.0, 0.95), sub, 1.0, 0.95)
+    assert out.row_count[0] == 0 and out.row_count[-1] == T
+
+
+def test_row_subset_check_on_cpu():
+    """The check of test_kernel_int64_offsets_on_gpu on a small batch, so that its own logic runs in CI."""
+    _check_row_subset(9, 70, "cpu", [0, 1, 7, 8])
+
+
+@pytest.mark.gpu
+def test_kernel_int64_offsets_on_gpu():
+    """B x T = 524289 x 4096 > 2**31 elements (bf16 inputs, fp32 outputs, ~45 GB at the peak): the last rows start past
+    2**31, so a 32-bit row offset would read and write other rows. Checked on the first and last rows."""
+    B, T = 2**31 // 4096 + 1, 4096
+    props = torch.cuda.get_device_properties(0)
+    if props.total_memory < 64 * 2**30:
+        pytest.skip(f"needs ~50 GiB of GPU memory; {props.name} has {props.total_memory / 2**30:.0f} GiB")
+    _check_row_subset(B, T, "cuda", [0, 1, B - 2, B - 1])

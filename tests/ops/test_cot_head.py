@@ -175,8 +175,9 @@ def test_all_masked_rows_and_no_grad(device):
         assert g is not None and torch.equal(g, torch.zeros_like(g))
 
 
-def test_auto_picks_reference_without_interpreter(monkeypatch):
-    """auto: CPU tensors without TRITON_INTERPRET -> the reference; with it (or on CUDA) -> the kernel."""
+def test_auto_picks_reference_on_cpu(monkeypatch):
+    """auto: CPU tensors -> the reference, with or without TRITON_INTERPRET (the interpreter is a
+    test tool); CUDA tensors -> the kernel; impl='triton' on CPU needs the interpreter."""
     calls = []
     real = op._kernels
     monkeypatch.setattr(op, "_kernels", lambda: calls.append(1) or real())
@@ -190,11 +191,14 @@ def test_auto_picks_reference_without_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         cot_head(h, *params, masks, impl="triton")
 
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cot_head(h, *params, masks)
+    assert calls == []
     if torch.cuda.is_available():
         h, params, masks = _inputs(2, 9, 32, 16, 2, torch.float32, "cuda")
+        cot_head(h, *params, masks)
     else:  # triton was imported in interpreter mode by conftest, so the kernel can run here
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    cot_head(h, *params, masks)
+        cot_head(h, *params, masks, impl="triton")
     assert calls == [1]
     calls.clear()
     cot_head(h, *params, masks, impl="ref")
@@ -282,6 +286,7 @@ def test_kernels_compile_for_sm90():
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
 
 
+# GPU tests run the first config of each kernel (tests/ops/conftest.py pins it): no autotuning here.
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize(
@@ -290,3 +295,66 @@ def test_kernels_compile_for_sm90():
 )
 def test_gpu(N, T, H, K, transposed, dtype):
     _check(N, T, H, 64, K, dtype, device="cuda", transposed=transposed)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "N,T,H,transposed",
+    [(16, 2048, 576, True), (16, 2048, 896, False), (8, 2048, 4096, True), (64, 1024, 4096, True)],
+    ids=["smollm2", "qwen0.5b", "7b", "7b-batch64"],
+)
+def test_gpu_bf16_real_shapes(N, T, H, transposed):
+    """The production path: bf16 tl.dot, T up to 2048, the hidden sizes of SmolLM2-135M, Qwen2.5-0.5B
+    and 7B models, Megatron's [s, b, h] layout read in place."""
+    _check(N, T, H, 64, 3, torch.bfloat16, device="cuda", transposed=transposed)
+
+
+def _check_strided_rows(N, T, H, device, rows):
+    """Kernel vs cot_head_ref (bf16 and fp32) on h in the [s, b, h] layout: V, z and the parameter
+    gradients whole, dh on ``rows`` only (a few rows of a tensor too large to compare on the host)."""
+    d, K = 64, 3
+    h_base = torch.randn(T, N, H, device=device, dtype=torch.bfloat16)  # no fp32 temporary of h
+    params = [p.to(device) for p in _inputs(1, 1, H, d, 0, torch.bfloat16)[1]]
+    masks = torch.rand(K, N, T, device=device) < 0.5
+    masks[0, N - 1] = True  # the last row's span 0 covers its last positions
+    masks[1, 0] = False  # and an empty span
+    gV, gz = torch.randn(N, T, device=device), torch.randn(K, N, d, device=device)
+    results = []
+    for impl, dt in (("triton", torch.bfloat16), ("low", torch.bfloat16), ("fp32", torch.float32)):
+        base = h_base.detach().to(dt).requires_grad_()  # a leaf; the bf16 ones share h_base's memory
+        pp = [p.detach().to(dt).requires_grad_() for p in params]
+        h = base.transpose(0, 1)
+        if impl == "triton":
+            V, z, valid = cot_head(h, *pp, masks, impl="triton")
+        else:
+            V, z, valid = cot_head_ref(h, *pp, masks, upcast=impl == "fp32")
+        grads = torch.autograd.grad((V * gV).sum() + (z * gz).sum(), (base, *pp))
+        results.append((V.detach(), z.detach(), valid, grads[0].transpose(0, 1), grads[1:]))
+        del base, h, V, z, grads
+    (V, z, valid, dh, gp), (V_pt, z_pt, _, dh_pt, gp_pt), (V_ref, z_ref, valid_ref, dh_ref, gp_ref) = results
+    assert torch.equal(valid, valid_ref) and valid[0, N - 1] and not valid[1, 0]
+    assert_close_to_ref(V, V_pt, V_ref, name="V")
+    assert_close_to_ref(z, z_pt, z_ref, name="z")
+    for name, a, b, c in zip(GRAD_NAMES[1:], gp, gp_pt, gp_ref):
+        assert_close_to_ref(a, b, c, atol=ATOL[torch.bfloat16], name=name)
+    idx = torch.tensor(rows, device=device)
+    assert_close_to_ref(dh.index_select(0, idx), dh_pt.index_select(0, idx), dh_ref.index_select(0, idx),
+                        atol=ATOL[torch.bfloat16], name=f"dh[rows {rows}]")
+
+
+def test_strided_rows_check_on_cpu():
+    """The check of test_gpu_int64_offsets on a small input, so that its own logic runs in CI."""
+    _check_strided_rows(5, 33, 48, "cpu", [0, 3, 4])
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """h with more than 2**31 elements (257 x 2048 x 4096 bf16, 4.3 GB, in the [s, b, h] layout): the
+    element offsets of the last positions exceed int32, so a 32-bit offset anywhere in the three kernels
+    (fwd, bwd, dW) would read or write the wrong rows. dh is compared on the first and last rows."""
+    N, T, H = 257, 2048, 4096
+    assert N * T * H > 2**31 and (T - 1) * N * H + (N - 1) * H > 2**31
+    props = torch.cuda.get_device_properties(0)
+    if props.total_memory < 48 * 2**30:
+        pytest.skip(f"needs ~35 GiB of GPU memory; {props.name} has {props.total_memory / 2**30:.0f} GiB")
+    _check_strided_rows(N, T, H, "cuda", [0, 1, N - 2, N - 1])

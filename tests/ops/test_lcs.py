@@ -402,6 +402,23 @@ def test_cuda_kernel_source_emulated_wide_rows(emu):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [3, 3000], ids=["ties", "cot-like"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64], ids=["int32", "int64"])
+def test_cuda_bit_exact_vs_reference_64x1024(ext, vocab, dtype):
+    """The trainer's largest case, 64 pairs of 1024 x 1024 tokens (int64 rows at that size take the most
+    shared memory), against the pure-Python DP directly: mostly full rows, some shorter, one empty;
+    a 3-token vocabulary makes nearly every step a tie."""
+    assert getattr(ext, "with_cuda", False), "carft_mega_cuda was built without its CUDA part"
+    gen = torch.Generator().manual_seed(vocab + dtype.itemsize)
+    a, a_len, b, b_len = random_batch(64, 1024, 1024, vocab, dtype, gen, shared=0.5 if vocab > 3 else 0.0)
+    a_len[2:48], b_len[2:48] = 1024, 1024
+    dev = torch.device("cuda")
+    out = lcs_masks(a.to(dev), a_len.to(dev), b.to(dev), b_len.to(dev))
+    assert out[0].is_cuda and out[2].is_cuda
+    assert_same(out, lcs_masks_ref(a, a_len, b, b_len), f"cuda 64 x 1024 x 1024 {dtype} vocab={vocab}")
+
+
+@pytest.mark.gpu
 def test_cuda_path_matches_cpu_and_ref(ext):
     assert getattr(ext, "with_cuda", False), "carft_mega_cuda was built without its CUDA part"
     dev = torch.device("cuda")

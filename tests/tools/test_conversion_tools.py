@@ -113,7 +113,7 @@ def test_tp_without_torchrun_is_a_clear_error(hf_dir, tmp_path):
 
 def test_bf16_conversion_in_process(tp1, hf_dir, tmp_path):
     """--dtype bf16: the checkpoint holds bf16 weights; the export equals the HF weights cast to bf16."""
-    from carft_mega.models.convert import convert_hf_to_megatron, convert_megatron_to_hf
+    from carft_mega.models.pipelines import convert_hf_to_megatron, convert_megatron_to_hf
 
     convert_hf_to_megatron(hf_dir, tmp_path / "ck", dtype="bf16")
     convert_megatron_to_hf(tmp_path / "ck", tmp_path / "back")
@@ -123,7 +123,7 @@ def test_bf16_conversion_in_process(tp1, hf_dir, tmp_path):
 
 def test_convert_takes_d_from_the_saved_head(tp1, hf_dir, tmp_path):
     """The hf_dir head has d = 64: --cot-proj-dim only applies to a freshly initialised head."""
-    from carft_mega.models.convert import convert_hf_to_megatron
+    from carft_mega.models.pipelines import convert_hf_to_megatron
 
     convert_hf_to_megatron(hf_dir, tmp_path / "ck", cot_proj_dim=16)
     info = json.loads((tmp_path / "ck" / "carft_arch.json").read_text())
@@ -139,7 +139,7 @@ def test_trainer_checkpoint_exports_token_ids_and_dtype(tp1, tmp_path):
 
     from carft_mega.config import OptimConfig
     from carft_mega.models.build import build_policy
-    from carft_mega.models.convert import convert_megatron_to_hf
+    from carft_mega.models.pipelines import convert_megatron_to_hf
     from carft_mega.trainer.engine import build_engine, save_engine
     from tests.models.mcore_helpers import model_cfg
 

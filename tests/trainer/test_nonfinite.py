@@ -14,7 +14,7 @@ import torch
 
 import carft_mega.trainer.carft as carft_mod
 from carft_mega.trainer.engine import Engine
-from carft_mega.trainer.run import TrainingStopped
+from carft_mega.trainer.context import TrainingStopped
 
 from .test_e2e import run_in_process
 
@@ -68,3 +68,12 @@ def test_nonfinite_updates_are_skipped_logged_and_stop_the_run(tmp_path, monkeyp
     printed = capsys.readouterr().out
     assert "RL step 2: update skipped" in printed and "RL step 3: update skipped" in printed
     assert "RL step 1: update skipped" not in printed
+
+
+def test_sft_stops_on_its_own_field(tmp_path, monkeypatch):
+    """SFT counts non-finite steps against sft.max_nonfinite_steps, not the RL stage's field."""
+    real_step = Engine.optimizer_step
+    monkeypatch.setattr(Engine, "optimizer_step", lambda self, ok: real_step(self, torch.tensor(False)))
+    with pytest.raises(TrainingStopped, match=r"SFT stopped: 3 consecutive .*sft\.max_nonfinite_steps"):
+        run_in_process(str(tmp_path / "sft"), "sft.max_steps=5", "sft.max_nonfinite_steps=3",
+                       "ppo.max_nonfinite_steps=1")

@@ -142,7 +142,7 @@ def test_rl_batches_never_straddle_an_epoch(monkeypatch, dp):
     from types import SimpleNamespace
 
     from carft_mega import parallel
-    from carft_mega.trainer import run as run_mod
+    from carft_mega.trainer import context as run_mod
 
     n, B = 10, 4
     fake = SimpleNamespace(train=list(range(n)), cfg=SimpleNamespace(seed=3))
