@@ -18,11 +18,14 @@ leave the batch and its cache (swap-remove), so late steps cost what their live 
 One host sync per step (which rows finished). Optionally, on a GPU, the decode step is
 replayed from a CUDA graph (``decode="cuda_graph"``).
 
-The tokens do not depend on any of this: greedy picks depend on a row's own logits, and
-sampling always draws for the full batch (:class:`_Selector`). tests/rollout checks greedy
-equality with a no-cache loop, both layouts, and sampled equality with and without compaction.
-Tensor-parallel ranks gather the vocabulary for sampling and use the same generator seed, so
-they pick the same tokens (and drop the same rows). The result is converted to left-aligned
+The tokens do not depend on any of this (:class:`_Selector`): greedy picks depend on a row's
+own logits; with a :class:`~carft_mega.rollout.sampling.RowNoise` (the trainer's rollouts) a
+row's uniform depends on (seed, its global row id, its generation step) only, so only the live
+rows are sampled, and a row's tokens are the same whatever batch it is in; with a plain
+``torch.Generator`` the full batch is drawn every step. tests/rollout checks greedy equality
+with a no-cache loop, both layouts, and sampled equality with and without compaction and across
+batch splits. Tensor-parallel ranks gather the vocabulary for sampling and use the same seed,
+so they pick the same tokens (and drop the same rows). The result is converted to left-aligned
 rows (prompt, generation, padding): the layout of every training forward, which then needs no
 attention mask.
 """
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from carft_mega.rollout.kv_cache import KVCache, index_tensor, lean_decode_unsupported, swap_remove_plan
-from carft_mega.rollout.sampling import select_next
+from carft_mega.rollout.sampling import RowNoise, select_next
 
 
 @dataclass
@@ -96,7 +99,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | RowNoise | None = None,
     layout: str = "auto",
     compact: bool = True,
     prefill_call_cost: int | None = None,
@@ -113,7 +116,9 @@ def generate(
         eos_id, pad_id: special ids.
         greedy: argmax decoding (evaluation).
         temperature, top_k, top_p: sampling parameters, all explicit.
-        generator: sampling RNG (same seed on all TP ranks).
+        generator: sampling randomness (same seed on all TP ranks): a ``RowNoise`` (the
+            samples depend on each row's global id, not on the batch it is in) or a
+            ``torch.Generator`` (one stream for the batch).
         layout: ``auto`` | ``left`` | ``aligned`` (see module docstring).
         compact: drop finished rows from the decode batch and its KV cache (the tokens do not
             change: see :class:`_Selector`); False decodes every row until the last one ends.
@@ -211,27 +216,41 @@ def _next_logits(policy, hidden: torch.Tensor) -> torch.Tensor:
 
 
 class _Selector:
-    """``select_next`` on the live rows, with sampled tokens independent of which rows are live.
+    """``select_next`` on the batch positions ``[0, n)``, with tokens independent of which rows are live.
 
-    Greedy picks depend on a row's logits only, so they run on the live rows. Sampling draws
-    from one generator for the whole batch at once (``torch.multinomial`` takes ``B x V``
-    exponential draws per call), so a row's draw depends on its index in the batch: the live
-    rows' logits are scattered back to their original rows of a full ``(B, V)`` buffer
-    (finished rows keep stale, finite logits) and the full batch is sampled every step, as if
-    nothing had been dropped. The tokens therefore equal those of the uncompacted loop for the
-    same generator (and the same on every TP rank, which shares the seed); the price is
-    sampling ``B`` rows per step however few are live.
+    * greedy: a row's pick depends on its own logits only; the live rows are selected as they are.
+    * a :class:`RowNoise`: each row's uniform is keyed by (seed, its global row id, its
+      generation step), whatever else is in the batch, so only the rows at hand are sampled
+      (``rows`` = their indices into the noise's ``row_ids``, ``lag`` = how many calls later than
+      the first their generation started, for the ``aligned`` layout).
+    * a plain ``torch.Generator`` (one stream for the batch; ``torch.multinomial`` takes
+      ``B x V`` draws per call, so a row's draw depends on its index in the batch): the live
+      rows' logits are scattered back to their original rows of a full ``(B, V)`` buffer
+      (finished rows keep stale, finite logits) and the full batch is sampled every step, as if
+      nothing had been dropped, at the price of sampling ``B`` rows per step.
+
+    Either way the tokens equal those of the uncompacted loop for the same seed, and are the
+    same on every TP rank (which shares it).
     """
 
-    def __init__(self, batch: int, vocab: int, device: torch.device, sample_kw: dict):
-        self.kw = sample_kw
-        self.full = None if sample_kw["greedy"] else torch.zeros((batch, vocab), dtype=torch.float32,
-                                                                  device=device)
+    def __init__(self, batch: int, vocab: int, device: torch.device, sample_kw: dict,
+                 lag: list[int] | None = None):
+        self.kw = dict(sample_kw)
+        self.noise = self.kw.pop("generator") if isinstance(sample_kw["generator"], RowNoise) else None
+        self.lag = lag if lag is not None and any(lag) else None
+        self.full = None
+        if not sample_kw["greedy"] and self.noise is None:
+            self.full = torch.zeros((batch, vocab), dtype=torch.float32, device=device)
 
-    def __call__(self, logits: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``logits (n, V)`` of the batch rows ``rows (n,)`` -> their ``(tokens, logp)``, each ``(n,)``."""
-        if self.full is None:
+    def __call__(self, logits: torch.Tensor, rows: torch.Tensor,
+                 rows_host: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits (n, V)`` of the original rows ``rows (n,)`` (device) = ``rows_host`` -> their
+        ``(tokens, logp)``, each ``(n,)``."""
+        if self.kw["greedy"]:
             return select_next(logits, **self.kw)
+        if self.noise is not None:
+            lag = None if self.lag is None else [self.lag[r] for r in rows_host]
+            return select_next(logits, **self.kw, generator=self.noise, rows=rows_host, lag=lag)
         self.full.index_copy_(0, rows, logits)
         tok, lp = select_next(self.full, **self.kw)
         return tok[rows], lp[rows]
@@ -348,8 +367,9 @@ class _DecodeStep:
 class _Rows:
     """Host-side view of the batch: which of the ``n`` batch positions are still generating."""
 
-    def __init__(self, n: int, device: torch.device):
+    def __init__(self, n: int, device: torch.device, ids: list[int]):
         self.n = n
+        self.ids = list(ids)  # host copy of the original row held at each batch position
         self.alive = [True] * n
         self.alive_t = torch.ones(n, dtype=torch.bool, device=device)  # device copy, batch order
 
@@ -379,6 +399,9 @@ class _Rows:
                 h, src = index_tensor(holes, dev), index_tensor(sources, dev)
                 for t in per_row:
                     t[h] = t[src]
+                for i, j in zip(holes, sources):
+                    self.ids[i] = self.ids[j]
+            del self.ids[new_n:]
             self.n = new_n
             self.alive = [True] * new_n
             self.alive_t[:new_n] = True
@@ -404,7 +427,8 @@ def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample
     # at slot P - 1, as in one left-padded block.
     lens_host = prompt_lens.tolist()
     groups = plan_prefill_buckets(lens_host, opts["prefill_call_cost"])
-    row_ids = torch.tensor([r for g in groups for r in g], dtype=torch.long, device=device)
+    order = [r for g in groups for r in g]
+    row_ids = torch.tensor(order, dtype=torch.long, device=device)
     pad = (P - prompt_lens)[row_ids]  # (B,) left padding, batch order
     real = slots[None] >= pad[:, None]  # (B, max_len): slots holding a real token (not padding)
     any_padding = min(lens_host) < P
@@ -425,11 +449,11 @@ def _generate_left(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sample
         gen = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)
         gen_logp = torch.zeros((B, max_new), dtype=torch.float32, device=device)
         gen_lens = torch.zeros(B, dtype=torch.long, device=device)
-        batch = _Rows(B, device)
+        batch = _Rows(B, device, order)
         for step in range(max_new):
             n = batch.n
             rid = row_ids[:n]
-            tok, lp = select(logits[:n], rid)
+            tok, lp = select(logits[:n], rid, batch.ids)
             live = batch.alive_t[:n]
             gen[rid, step] = torch.where(live, tok, pad_id)
             gen_logp[rid, step] = torch.where(live, lp, 0.0)
@@ -460,16 +484,18 @@ def _generate_aligned(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sam
     max_len = total - 1  # cache slots
     table = policy.rotary_table(max_len)
     cache = KVCache(policy, B, max_len)
-    select = _Selector(B, policy.vocab_size, device, sample_kw)
+    lens_host = prompt_lens.tolist()
+    start = min(lens_host)
+    # Row b generates from call len_b - start on: its noise is keyed by its own generation step.
+    select = _Selector(B, policy.vocab_size, device, sample_kw, lag=[n - start for n in lens_host])
     step_fn = _DecodeStep(policy, cache, table, policy.arch.sliding_window, opts["decode"], opts["lean"])
-    start = int(prompt_lens.min())
     gen_lens = torch.zeros(B, dtype=torch.long, device=device)
     # Per batch position (rows leave by swap-remove).
     row_ids = torch.arange(B, device=device)
     lens = prompt_lens.clone()
     stop_at = prompt_lens + max_new  # exclusive end of each row's generation
     logits = torch.empty((B, policy.vocab_size), dtype=torch.float32, device=device)
-    batch = _Rows(B, device)
+    batch = _Rows(B, device, list(range(B)))
     with cache.attached():
         cache.prefill(slice(0, B), 0)
         logits[:] = _next_logits(policy, policy.trunk(buf[:, :start], rotary_pos_emb=table[:start, None, None]))
@@ -477,7 +503,7 @@ def _generate_aligned(policy, prompts, prompt_lens, max_new, eos_id, pad_id, sam
         while True:
             n = batch.n
             rid = row_ids[:n]
-            tok, lp = select(logits[:n], rid)
+            tok, lp = select(logits[:n], rid, batch.ids)
             in_prompt = pos < lens[:n]
             generating = ~in_prompt & batch.alive_t[:n] & (pos < stop_at[:n])
             fed = torch.where(in_prompt, buf[rid, pos], torch.where(generating, tok, pad_id))

@@ -5,7 +5,8 @@
   batch and its cache mid-generation; at B = 1 and odd B, both layouts, with and without
   compaction, and for every prefill bucketing.
 * Sampled tokens with compaction equal those without, for the same generator, and equal the
-  prefix (up to EOS) of a run in which no row ever stops.
+  prefix (up to EOS) of a run in which no row ever stops. With a ``RowNoise`` (the trainer's
+  sampler) they are also the same for the batch split in two, and equal a row-alone sampler.
 * The lean decode step (``KVCache.lean_trunk``, used by default) gives bit-identical log-probs
   to the decode step through Megatron's modules.
 * The KV-cache pieces against independent references: decode attention against a plain
@@ -148,6 +149,70 @@ def test_sampling_unchanged_by_compaction(policy, layout, decode, lengths):
     if len(rows) > 1:
         ends = {len(g) for g in a.generations() if g[-1] == eos}
         assert len(ends) >= 2 and any(len(g) == MAX_NEW for g in a.generations())
+
+
+@torch.no_grad()
+def naive_row_noise_sample(policy, row, row_id, seed, max_new, temperature, eos):
+    """No cache, the row alone: rerun the sequence each step; the token whose CDF interval holds
+    this row's uniform of this step, drawn from its own seeded generator (the RowNoise contract,
+    written out: uniform = 1 - U[row_id] with U ~ torch.rand under seed mix_seed(seed, step))."""
+    from carft_mega.rollout.sampling import mix_seed
+
+    seq, out, logps = list(row), [], []
+    for step in range(max_new):
+        logits = policy.lm_logits(policy.trunk(torch.tensor([seq]))[-1:], gather=True)[0, 0, :VOCAB].double()
+        p = torch.softmax(logits / temperature, dim=0)
+        g = torch.Generator().manual_seed(mix_seed(seed, step))
+        u = 1.0 - torch.rand(row_id + 1, generator=g, dtype=torch.float64)[row_id]
+        cdf = torch.cumsum(p, 0)
+        nxt = int((cdf < u * cdf[-1]).sum())  # the first index with cdf >= u * total
+        out.append(nxt)
+        logps.append(float(torch.log(p[nxt])))
+        seq.append(nxt)
+        if nxt == eos:
+            break
+    return out, logps
+
+
+@pytest.mark.parametrize("layout,decode", [("left", "eager"), ("aligned", "eager"), ("left", "static"),
+                                           ("aligned", "static")])
+def test_row_noise_sampling_unchanged_by_compaction_and_batch_split(policy, layout, decode):
+    """With a RowNoise, a row's samples depend on (seed, its global id, its step) only: the same
+    with compaction on and off, for the batch split in two halves (each left-padded to its own
+    longest prompt, so the halves' layouts differ from the whole's), and equal to a row-alone,
+    no-cache sampler given the same per-row uniforms; the behaviour log-prob at temperature 0.7
+    is the row-alone one."""
+    from carft_mega.rollout.sampling import RowNoise
+
+    lengths = [3, 21, 8, 1, 12, 6, 27, 2, 16]
+    rows = prompts_of_lengths(lengths, seed=77)
+    first, seed, T = 100, 1234, 0.7  # global ids 100.. as on a later data-parallel rank
+    kw = dict(max_new_tokens=MAX_NEW, pad_id=PAD, temperature=T, layout=layout, decode=decode)
+
+    def run(sub, ids, eos, compact=True):
+        toks, lens = left_pad(sub)
+        return generate(policy, toks, lens, eos_id=eos, compact=compact,
+                        generator=RowNoise(seed, torch.tensor(ids)), **kw)
+
+    ids = list(range(first, first + len(rows)))
+    streams = run(rows, ids, NEVER).generations()
+    eos = pick_eos(streams, MAX_NEW)
+    whole = run(rows, ids, eos)
+    gens = whole.generations()
+    ends = {len(g) for g in gens if g[-1] == eos}
+    assert len(ends) >= 2 and any(len(g) == MAX_NEW for g in gens)  # rows leave at several steps
+    assert gens == [cut_at(s, eos) for s in streams]
+    uncompacted = run(rows, ids, eos, compact=False)
+    assert uncompacted.generations() == gens
+    torch.testing.assert_close(uncompacted.sample_logp, whole.sample_logp, atol=1e-5, rtol=1e-5)
+    h = len(rows) // 2
+    assert run(rows[:h], ids[:h], eos).generations() + run(rows[h:], ids[h:], eos).generations() == gens
+    if layout == "left" and decode == "eager":  # the independent reference, once (slow)
+        for i, (r, g) in enumerate(zip(rows, gens)):
+            want, want_lp = naive_row_noise_sample(policy, r, ids[i], seed, MAX_NEW, T, eos)
+            assert g == want, i
+            got_lp = whole.sample_logp[i, len(r) - 1:len(r) - 1 + len(g)]
+            torch.testing.assert_close(got_lp, torch.tensor(want_lp, dtype=torch.float32), atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
