@@ -1,5 +1,6 @@
 """Rollouts at TP=2 (gloo, 2 CPU ranks under torchrun) equal those at TP=1: the same greedy
-tokens in both layouts and the same sampled tokens for the same seed, with rows ending at
+tokens in both layouts and the same sampled tokens for the same seed (a torch.Generator, and a
+RowNoise, which also gives the same samples in both layouts), with rows ending at
 different steps (compaction), and the same tokens on both ranks."""
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def build_policy_for_tp():
 def run_cases(policy) -> dict:
     """Greedy (both layouts) and sampled generations; EOS chosen so that rows end at different steps."""
     from carft_mega.rollout.generate import generate
+    from carft_mega.rollout.sampling import RowNoise
 
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in LENGTHS]
@@ -55,6 +57,10 @@ def run_cases(policy) -> dict:
             res = generate(policy, toks, lens, eos_id=eos, layout=layout,
                            generator=torch.Generator().manual_seed(9), **kw)
             out[f"{mode}_{layout}"] = res.generations()
+    for layout in ("left", "aligned"):  # the trainer's sampler: per-row noise (global ids 40..)
+        res = generate(policy, toks, lens, eos_id=out["sample_eos"], layout=layout, max_new_tokens=MAX_NEW,
+                       pad_id=PAD, temperature=0.8, generator=RowNoise(9, torch.arange(40, 40 + len(rows))))
+        out[f"rownoise_{layout}"] = res.generations()
     return out
 
 
@@ -90,6 +96,9 @@ def tp1_results():
 def test_tp2_generations_equal_tp1(tp2_results, tp1_results):
     assert tp2_results == tp1_results
     assert tp1_results["greedy_left"] == tp1_results["greedy_aligned"]  # (sampling consumes the RNG per layout)
+    # RowNoise keys each row by its own generation step, in either layout.
+    assert tp1_results["rownoise_left"] == tp1_results["rownoise_aligned"]
+    assert tp1_results["rownoise_left"] != tp1_results["sample_left"]
     for mode in ("greedy", "sample"):
         gens, eos = tp1_results[f"{mode}_left"], tp1_results[f"{mode}_eos"]
         ends = {len(g) for g in gens if g[-1] == eos}
