@@ -6,7 +6,8 @@ in machine load hits both sides alike). Model: SmolLM2-135M-Instruct from the in
 code with random weights (``--model random``; the GGUF does not travel to the GPU machines),
 in ``--dtype`` (bf16 by default on a GPU). Prompts: the first B GSM8K test questions in ReFT's
 template (``data.collate.encode_prompt``), left-padded. Greedy and sampling (temperature 1,
-no top-k/top-p on either side), ``max_new_tokens`` 256 with EOS on.
+no top-k/top-p on either side; ours samples with the trainer's ``RowNoise``), ``max_new_tokens``
+256 with EOS on.
 
 Before anything is reported, greedy outputs are checked to be identical: real tokens only,
 up to and including the first EOS (HF pads finished rows and pads prompts on the left). A
@@ -183,7 +184,13 @@ def trim(rows: list[list[int]], eos: int, pad: int) -> list[list[int]]:
 def run_ours(policy, batch, args, greedy: bool, seed: int, device):
     from carft_mega.rollout.generate import generate
 
-    gen = None if greedy else torch.Generator(device=device).manual_seed(seed)
+    gen = None
+    if not greedy:
+        try:  # the trainer's sampler: per-row noise, only the live rows are sampled
+            from carft_mega.rollout.sampling import RowNoise
+            gen = RowNoise(seed, torch.arange(batch["tokens"].shape[0]), device)
+        except ImportError:  # (older trees)
+            gen = torch.Generator(device=device).manual_seed(seed)
     sync(device)
     t0 = CLOCK()
     extra = {} if args.decode == "eager" else {"decode": args.decode}  # (older trees have no such argument)

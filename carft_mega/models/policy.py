@@ -41,7 +41,7 @@ class PolicyOutput:
     """``[B, T]`` fp32 entropy of the next-token distribution, None if not asked for."""
 
 
-def _without_cpu_shim_mode():
+def cpu_shim_suspended():
     """The CPU shim's device-remapping mode off for a forward (``_cpu_shim.suspended``): it costs
     a Python call per torch call and the forward needs none of its rewrites. A no-op on a GPU
     box, where the shim is never imported."""
@@ -265,7 +265,7 @@ class PolicyModel(torch.nn.Module):
             parallelism).
         """
         gpt = self.gpt
-        with _without_cpu_shim_mode():
+        with cpu_shim_suspended():
             hidden = gpt.embedding(input_ids=tokens, position_ids=None)  # (S, B, H), SP-scattered if SP
             if rotary_pos_emb is not None:
                 rotary = rotary_pos_emb
@@ -292,7 +292,7 @@ class PolicyModel(torch.nn.Module):
         """
         gpt = self.gpt
         weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-        with _without_cpu_shim_mode():
+        with cpu_shim_suspended():
             logits, _ = gpt.output_layer(hidden, weight=weight, runtime_gather_output=gather)
         return logits
 

@@ -156,17 +156,22 @@ def generate(
     if decode == "cuda_graph" and prompts.device.type != "cuda":
         warnings.warn("generate(decode='cuda_graph') needs CUDA tensors; decoding eagerly", stacklevel=2)
         decode = "eager"
+    from carft_mega.models.policy import cpu_shim_suspended
+
     was_training = policy.training
     policy.eval()
     try:
-        run = _generate_left if layout == "left" else _generate_aligned
-        if prefill_call_cost is None:
-            prefill_call_cost = default_prefill_call_cost(prompts.device)
-        gen, gen_logp, gen_lens = run(policy, prompts, prompt_lens, max_new_tokens, eos_id, pad_id,
-                                      dict(greedy=greedy, temperature=temperature, top_k=top_k,
-                                           top_p=top_p, generator=generator),
-                                      dict(compact=compact, prefill_call_cost=prefill_call_cost, decode=decode,
-                                           lean=lean_decode))
+        # Without the CPU shim's mode (a Python call added to every torch call): the lean decode
+        # step and the sampler need none of its rewrites (the trunk suspends it for itself anyway).
+        with cpu_shim_suspended():
+            run = _generate_left if layout == "left" else _generate_aligned
+            if prefill_call_cost is None:
+                prefill_call_cost = default_prefill_call_cost(prompts.device)
+            gen, gen_logp, gen_lens = run(policy, prompts, prompt_lens, max_new_tokens, eos_id, pad_id,
+                                          dict(greedy=greedy, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, generator=generator),
+                                          dict(compact=compact, prefill_call_cost=prefill_call_cost, decode=decode,
+                                               lean=lean_decode))
     finally:
         policy.train(was_training)
     return _to_rollout_batch(prompts, prompt_lens, gen, gen_logp, gen_lens, eos_id, pad_id)
