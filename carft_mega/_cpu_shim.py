@@ -18,6 +18,14 @@ KV-cache inference code runs in CI. The assumptions it covers are listed in
 * ``torch.cuda.Event`` / ``Stream`` / ``current_stream`` / ``synchronize`` stubs (the static
   inference controller times itself with CUDA events).
 
+The mode costs a Python call on every torch function call made while it is active: measured
+~15-18 ms per SmolLM2-135M forward on the 2-core CPU (25% of a one-token decode step at B=1,
+10% at B=32; ``docs/benchmarks.md``). Only the optimizer, gradient clipping, schedules and
+checkpointing code need its rewrites, so the model's forward runs without it:
+:func:`suspended` (used by ``PolicyModel.trunk`` / ``lm_logits``) takes the mode off the stack
+for the duration, and the one forward-path function that hard-codes ``device='cuda'``
+(Megatron's default causal / sliding-window mask builders) is patched to build on the CPU.
+
 The sequence-parallel RMSNorm is not patched here: ``carft_mega.models`` builds its own norm
 module into the local layer spec, because a GPU box without Apex/TE needs it too.
 
@@ -28,6 +36,8 @@ this module.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import sys
 import warnings
@@ -176,6 +186,28 @@ def _patch_megatron() -> None:
     mrandom._get_cuda_rng_state = _get_cuda_rng_state
     mrandom._set_cuda_rng_state = _set_cuda_rng_state
 
+    # The forward's only hard-coded device='cuda' (transformer/utils.py:35,40 in 0.16.1): the
+    # default masks of FusedScaleMaskSoftmax, built here on the CPU so the forward needs no mode.
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as tutils
+
+    @functools.lru_cache(maxsize=32)
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        """``[sq, sq]`` bool, True above the diagonal (masked out)."""
+        i = torch.arange(sq, device=_CPU)
+        return i[None, :] > i[:, None]
+
+    def get_sliding_window_causal_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+        """``[sq, skv]`` bool, True outside the band ``-w0 <= j - i - (skv - sq) <= w1``."""
+        off = (torch.arange(skv, device=_CPU)[None, :] - torch.arange(sq, device=_CPU)[:, None]) - (skv - sq)
+        return (off < -window_size[0]) | (off > window_size[1])
+
+    for mod in (tutils, fused_softmax):
+        if hasattr(mod, "get_default_causal_mask"):
+            mod.get_default_causal_mask = get_default_causal_mask
+        if hasattr(mod, "get_sliding_window_causal_mask"):
+            mod.get_sliding_window_causal_mask = get_sliding_window_causal_mask
+
 
 def apply() -> None:
     """Install the shim (idempotent). Refuses to run when CUDA is available."""
@@ -195,6 +227,20 @@ def apply() -> None:
     _MODE = _CudaToCpuMode()
     _MODE.__enter__()  # stays on the mode stack for the life of the process
     _APPLIED = True
+
+
+@contextlib.contextmanager
+def suspended():
+    """Run the body without the device-remapping mode (the model's forward needs none of it).
+
+    A no-op unless the shim is applied and its mode is the innermost one (a mode pushed on
+    top of it, e.g. ``with torch.device(...)``, is left alone and the shim's mode stays too).
+    """
+    if not _APPLIED or torch.overrides._get_current_function_mode() is not _MODE:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield
 
 
 def is_applied() -> bool:

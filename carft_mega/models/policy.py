@@ -13,7 +13,9 @@ batch-major (``[b, s]``). The one place where the layout changes is :func:`megat
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +39,14 @@ class PolicyOutput:
     """``[K, B]`` bool, False where the span mask was empty (then ``z`` is 0)."""
     entropy: torch.Tensor | None
     """``[B, T]`` fp32 entropy of the next-token distribution, None if not asked for."""
+
+
+def cpu_shim_suspended():
+    """The CPU shim's device-remapping mode off for a forward (``_cpu_shim.suspended``): it costs
+    a Python call per torch call and the forward needs none of its rewrites. A no-op on a GPU
+    box, where the shim is never imported."""
+    shim = sys.modules.get("carft_mega._cpu_shim")
+    return shim.suspended() if shim is not None else contextlib.nullcontext()
 
 
 def megatron_to_batch_major(x: torch.Tensor) -> torch.Tensor:
@@ -194,29 +204,45 @@ class PolicyModel(torch.nn.Module):
         self.gpt.set_input_tensor(input_tensor)
 
     # ---------------------------------------------------------------- the trunk
-    def rotary_for_positions(self, position_ids: torch.Tensor | None, seq_len: int) -> torch.Tensor:
+    def rotary_table(self, length: int) -> torch.Tensor:
+        """RoPE angles of positions ``0..length-1``: ``[length, d]`` fp32 on the model's device.
+
+        Megatron's ``RotaryEmbedding`` memoises its table per length, so asking for at least
+        ``max_position_embeddings`` rows always returns the same cached tensor: a generation
+        builds nothing per step, it indexes this table.
+        """
+        rope = self.gpt.rotary_pos_emb
+        return rope(max(length, self.arch.max_position_embeddings))[:length, 0, 0]
+
+    def rotary_for_positions(self, position_ids: torch.Tensor | None, seq_len: int,
+                             table: torch.Tensor | None = None) -> torch.Tensor:
         """RoPE angles for explicit per-row positions.
 
         Megatron's ``GPTModel`` uses positions ``0..s-1`` for every row; left-padded rows need
-        their own positions, so the table ``[P, 1, 1, d]`` is indexed per row.
+        their own positions, so the table ``[P, d]`` is indexed per row.
 
         Args:
             position_ids: ``[B, S]`` int64 or None (positions ``0..seq_len-1`` for every row).
             seq_len: ``S`` when ``position_ids`` is None.
+            table: a :meth:`rotary_table` covering every position in ``position_ids`` (saves the
+                host sync that finds the largest position); None builds (or reuses) one.
 
         Returns:
             ``[S, B, 1, d]`` (or ``[S, 1, 1, d]`` when ``position_ids`` is None).
         """
-        rope = self.gpt.rotary_pos_emb
         if position_ids is None:
-            return rope(max(seq_len, self.arch.max_position_embeddings))[:seq_len]
-        need = int(position_ids.max().item()) + 1 if position_ids.numel() else 1
-        table = rope(max(need, self.arch.max_position_embeddings))  # (P, 1, 1, d), cached by Megatron
-        return table[:, 0, 0][position_ids.t()].unsqueeze(2)  # (S, B, 1, d)
+            if table is None:
+                table = self.rotary_table(seq_len)
+            return table[:seq_len, None, None]
+        if table is None:
+            need = int(position_ids.max().item()) + 1 if position_ids.numel() else 1
+            table = self.rotary_table(need)
+        return table[position_ids.t()].unsqueeze(2)  # (S, B, 1, d)
 
     def trunk(self, tokens: torch.Tensor, *, position_ids: torch.Tensor | None = None,
               attention_mask: torch.Tensor | None = None, inference_context=None,
-              rotary_position_ids: torch.Tensor | None = None) -> torch.Tensor:
+              rotary_position_ids: torch.Tensor | None = None,
+              rotary_pos_emb: torch.Tensor | None = None) -> torch.Tensor:
         """Embedding, transformer layers and final norm: the LM-head input ``h``.
 
         Args:
@@ -227,24 +253,31 @@ class PolicyModel(torch.nn.Module):
             inference_context: a Megatron ``StaticInferenceContext`` for KV-cache decoding.
                 Megatron slices the rotary table by absolute cache slot, so then pass
                 ``rotary_position_ids [B, max_sequence_length]`` (the position of every cache
-                slot of every row) instead of ``position_ids``.
+                slot of every row) instead of ``position_ids``. (``rollout.generate`` uses its
+                own cache, ``rollout.kv_cache``, and passes ``rotary_pos_emb`` instead.)
             rotary_position_ids: see ``inference_context``.
+            rotary_pos_emb: precomputed RoPE angles of these tokens, ``[S, B, 1, d]`` or
+                ``[S, 1, 1, d]`` (rows of :meth:`rotary_table`); overrides ``position_ids`` and
+                ``rotary_position_ids``.
 
         Returns:
             ``[S, B, H]`` in Megatron's sequence-major layout (``[S/tp, B, H]`` under sequence
             parallelism).
         """
         gpt = self.gpt
-        hidden = gpt.embedding(input_ids=tokens, position_ids=None)  # (S, B, H), SP-scattered if SP
-        if inference_context is not None:
-            if rotary_position_ids is None:
-                rotary = self.rotary_for_positions(None, inference_context.max_sequence_length)
+        with cpu_shim_suspended():
+            hidden = gpt.embedding(input_ids=tokens, position_ids=None)  # (S, B, H), SP-scattered if SP
+            if rotary_pos_emb is not None:
+                rotary = rotary_pos_emb
+            elif inference_context is not None:
+                if rotary_position_ids is None:
+                    rotary = self.rotary_for_positions(None, inference_context.max_sequence_length)
+                else:
+                    rotary = self.rotary_for_positions(rotary_position_ids, rotary_position_ids.shape[1])
             else:
-                rotary = self.rotary_for_positions(rotary_position_ids, rotary_position_ids.shape[1])
-        else:
-            rotary = self.rotary_for_positions(position_ids, tokens.shape[1])
-        return gpt.decoder(hidden_states=hidden, attention_mask=attention_mask,
-                           inference_context=inference_context, rotary_pos_emb=rotary)
+                rotary = self.rotary_for_positions(position_ids, tokens.shape[1])
+            return gpt.decoder(hidden_states=hidden, attention_mask=attention_mask,
+                               inference_context=inference_context, rotary_pos_emb=rotary)
 
     def lm_logits(self, hidden: torch.Tensor, gather: bool = False) -> torch.Tensor:
         """Output layer on trunk output.
@@ -259,7 +292,8 @@ class PolicyModel(torch.nn.Module):
         """
         gpt = self.gpt
         weight = gpt.shared_embedding_or_output_weight() if gpt.share_embeddings_and_output_weights else None
-        logits, _ = gpt.output_layer(hidden, weight=weight, runtime_gather_output=gather)
+        with cpu_shim_suspended():
+            logits, _ = gpt.output_layer(hidden, weight=weight, runtime_gather_output=gather)
         return logits
 
     def _gather_sequence(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -46,13 +46,33 @@ class RowNoise:
         self.device = torch.device(device)
         self.step = 0
 
-    def next(self, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Uniforms of the next decode step for ``rows`` (indices into ``row_ids``; default all)."""
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.step))
+    def _uniforms(self, step: int) -> torch.Tensor:
+        """``(n,)`` fp64 uniforms in (0, 1] of step ``step``, indexed by global row id."""
+        g = torch.Generator().manual_seed(mix_seed(self.seed, step))
+        return 1.0 - torch.rand(self.n, generator=g, dtype=torch.float64)
+
+    def next(self, rows: torch.Tensor | list[int] | None = None,
+             lag: list[int] | None = None) -> torch.Tensor:
+        """Uniforms of the next decode step for ``rows`` (indices into ``row_ids``; default all).
+
+        Args:
+            rows: ``(n,)`` host indices into ``row_ids`` (a device tensor works but costs a sync).
+            lag: ``(n,)`` host ints: row ``i`` takes the uniform of step ``self.step - lag[i]``
+                instead (a decoder whose rows start generating at different calls, like the
+                ``aligned`` layout, keys each row by its own generation index); default 0.
+        """
+        step = self.step
         self.step += 1
-        u = 1.0 - torch.rand(self.n, generator=g, dtype=torch.float64)  # (0, 1]
         ids = self.row_ids if rows is None else self.row_ids[torch.as_tensor(rows).cpu()]
-        return u[ids].to(self.device, non_blocking=True)
+        if lag is None or not any(lag):
+            u = self._uniforms(step)[ids]
+        else:
+            lag_t = torch.as_tensor(lag, dtype=torch.long)
+            u = torch.empty(ids.shape, dtype=torch.float64)
+            for d in lag_t.unique().tolist():
+                sel = lag_t == d
+                u[sel] = self._uniforms(step - d)[ids[sel]]
+        return u.to(self.device, non_blocking=True)
 
 
 def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -106,7 +126,8 @@ def select_next(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | RowNoise | None = None,
-    rows: torch.Tensor | None = None,
+    rows: torch.Tensor | list[int] | None = None,
+    lag: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one token per row.
 
@@ -117,6 +138,7 @@ def select_next(
         generator: RNG for sampling (a ``torch.Generator`` or a :class:`RowNoise`); the same seed
             on every tensor-parallel rank gives the same tokens on all of them.
         rows: with a ``RowNoise``, which of its rows ``logits`` holds (default: all, in order).
+        lag: with a ``RowNoise``, per-row step lags (:meth:`RowNoise.next`).
 
     Returns:
         tokens: ``(B,)`` int64.
@@ -134,7 +156,7 @@ def select_next(
         logp_all = torch.log_softmax(scaled, dim=-1)
         probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
         if isinstance(generator, RowNoise):
-            tokens = sample_inverse_cdf(probs, generator.next(rows))
+            tokens = sample_inverse_cdf(probs, generator.next(rows, lag))
         else:
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
     return tokens, logp_all.gather(-1, tokens[:, None]).squeeze(-1)

@@ -117,6 +117,21 @@ def test_row_noise_is_independent_of_the_batch_layout():
     assert not torch.equal(RowNoise(8, torch.arange(8)).next(), RowNoise(7, torch.arange(8)).next())
 
 
+def test_row_noise_lag_takes_an_earlier_step():
+    """``next(rows, lag)``: row i gets the uniform of step ``step - lag[i]`` (host list rows too)."""
+    from carft_mega.rollout.sampling import RowNoise
+
+    plain = RowNoise(5, torch.arange(3, 9))
+    per_step = [plain.next() for _ in range(4)]  # (6,) each
+    lagged = RowNoise(5, torch.arange(3, 9))
+    for _ in range(3):
+        lagged.next()
+    got = lagged.next(rows=[4, 0, 2], lag=[0, 3, 1])  # at step 3
+    want = torch.stack([per_step[3][4], per_step[0][0], per_step[2][2]])
+    assert torch.equal(got, want)
+    assert lagged.step == 4
+
+
 def test_row_noise_sampling_frequencies_and_temperature():
     from carft_mega.rollout.sampling import RowNoise
 
