@@ -26,6 +26,7 @@ from carft_mega.algos.advantage import group_relative_advantages
 from carft_mega.algos.contrastive import (InfoNCEBank, build_bank, contrastive_negative, contrastive_positive,
                                           partial_reward_embedding)
 from carft_mega.algos.ppo import kl_loss, ppo_policy_loss, ppo_value_loss
+from carft_mega.config import to_dict
 from carft_mega.data.collate import (collate_prompts, collate_sft, encode_prompt, encode_sft, micro_batches,
                                     padding_share)
 from carft_mega.ops.advantages import advantages as fused_advantages
@@ -36,7 +37,6 @@ from carft_mega.rollout.generate import RolloutBatch, generate
 from carft_mega.rollout.sampling import RowNoise, mix_seed
 from carft_mega.trainer.checkpoint import CheckpointRef
 from carft_mega.trainer.context import Run, TrainingStopped, build_initial_policy, rl_total_steps
-from carft_mega.config import to_dict
 from carft_mega.trainer.engine import Engine, build_engine, finish_stage, load_engine, save_engine
 from carft_mega.trainer.evaluate import decode_generations, evaluate, extract_answers_tp
 from carft_mega.trainer.metrics import StageTimer

@@ -134,7 +134,7 @@ def print_plan(run: Run) -> Plan:
     ck = cfg.checkpoint
     lines.append(f"plan: checkpoints in {run.ckpts.root} " + (f"every {ck.save_every} steps, " if ck.save_every else "")
                  + (f"every {ck.save_interval_minutes:g} min, " if ck.save_interval_minutes else "")
-                 + f"at each stage's end and on SIGTERM/SIGINT/SIGUSR1; time estimates follow the first steps")
+                 + "at each stage's end and on SIGTERM/SIGINT/SIGUSR1; time estimates follow the first steps")
     for line in lines:
         run.print(line)
     total_tokens = sft_steps * sft_tokens + rl_steps * rl_equiv
