@@ -22,8 +22,9 @@ from carft_mega import parallel
 from carft_mega.config import ModelConfig, ParallelConfig, TinyModelConfig
 from carft_mega.rollout.generate import generate, plan_prefill_buckets
 from carft_mega.rollout.kv_cache import KVCache, decode_attention, swap_remove_plan
+from tests.rollout.test_generate import PAD, left_pad
 
-VOCAB, PAD = 50, 0
+VOCAB = 50
 NEVER = VOCAB + 7  # an EOS id the model cannot emit
 
 
@@ -43,14 +44,6 @@ def policy():
                 w.copy_(torch.randn(w.shape, generator=g) * 2.0 / w.shape[1] ** 0.5)
     yield p
     parallel.destroy()
-
-
-def left_pad(rows):
-    P = max(len(r) for r in rows)
-    toks = torch.full((len(rows), P), PAD, dtype=torch.long)
-    for i, r in enumerate(rows):
-        toks[i, P - len(r):] = torch.tensor(r)
-    return toks, torch.tensor([len(r) for r in rows])
 
 
 @torch.no_grad()
