@@ -284,17 +284,10 @@ def metrics_digest(path: Path, name: str) -> list[str]:
 
 
 def commit() -> str:
-    sha = os.environ.get("CARFT_GIT_SHA", "").strip()
-    if sha:
-        return sha
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=REPO,
-                             capture_output=True, text=True, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return "unknown (set CARFT_GIT_SHA: no .git travels)"
+    from _common import git_sha  # this script's folder is on sys.path (run as a script, or by the tests)
+
+    sha = git_sha()
+    return "unknown (set CARFT_GIT_SHA: no .git travels)" if sha == "unknown" else sha
 
 
 _HIGHLIGHT = ("Traceback", "Error:", "MISSES", "meets", "accuracy after", "Killed", "out of memory")
