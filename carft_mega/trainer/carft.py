@@ -411,11 +411,14 @@ def cot_spans(run: Run, records, roll: RolloutBatch, need: set[str]):
     """Annotated rows and the span masks of both sides (DESIGN.md Sec. 3-4).
 
     Returns:
-        ann: collated annotated rows (``tokens``, ``target_mask``, ``lengths``) on the device.
+        ann: collated annotated rows (``tokens``, ``target_mask``, ``lengths``) on the device (None
+            when ``need`` is empty, as are both spans).
         spans_r: rollout spans (``full`` and/or ``lcs``, ``exc``), or None.
         spans_a: annotated spans (``full`` and/or ``exc``), or None.
     """
     cfg = run.cfg
+    if not need:  # ReFT / Dr.GRPO without the embedding reward: no annotated rows at all
+        return None, None, None
     ann = collate_sft([encode_sft(r, run.tokenizer, cfg.data.max_prompt_tokens, cfg.data.max_length)
                        for r in records], run.tokenizer.pad_id)
     ann = {k: v.to(run.device) for k, v in ann.items()}
